@@ -1,0 +1,331 @@
+"""Layers shared by every model family (BERT/RoBERTa, T5, Llama-family).
+
+Written once, with the PEFT slots (see ``slots.py``) built in: every dense layer goes
+through ``Slots.dense``, every attention through ``Slots.attention_kv``. Family files
+assemble these into blocks and call ``Slots.input_embeddings`` / ``Slots.sublayer``.
+
+Conventions
+- Kernels are ``[in, out]`` (HF ``nn.Linear.weight`` is ``[out, in]``: converters transpose).
+- Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that
+  ``peft_jax.parallel`` can shard base weights with one rules table.
+- Attention masks are additive biases ``[b, 1 | h, q, k]`` (0 = attend, large negative =
+  masked), built with :func:`make_attention_bias`.
+- Parameters are stored in ``param_dtype`` (fp32); computation runs in ``dtype``
+  (fp32 or bf16); softmax and norms always in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peft_jax.models.slots import NO_SLOTS, Slots
+
+Array = Any
+Dtype = Any
+
+NEG_INF = -1e9  # finite, so fully masked rows give a uniform (not NaN) softmax
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str, field: str = "activation") -> Callable[[Array], Array]:
+    """Look up an activation by its Hugging Face name; unknown names are a clear error."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported {field}={name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def _init(init: Callable, axes: Sequence[Optional[str]]):
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+    """``y = x @ kernel + bias`` with a PEFT ``dense`` slot.
+
+    x: ``[..., in]`` -> ``[..., features]``. ``axes`` names the kernel's (in, out) axes.
+    """
+
+    features: int
+    use_bias: bool = True
+    axes: tuple[Optional[str], Optional[str]] = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        kernel = self.param("kernel", _init(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", _init(nn.initializers.zeros, self.axes[1:]),
+                           (self.features,), self.param_dtype) if self.use_bias else None)
+
+        def base_fn(inp: Array) -> Array:
+            y = jnp.dot(inp.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+            if bias is not None:
+                y = y + jnp.asarray(bias, self.dtype)
+            return y
+
+        if not self.slots:
+            return base_fn(x)
+        return self.slots.dense(self, x, base_fn, deterministic)
+
+
+class Embed(nn.Module):
+    """Token embedding table ``[vocab, d]``; ``attend`` gives tied LM logits."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[Optional[str], Optional[str]] = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(0.02)
+
+    def setup(self):
+        self.embedding = self.param("embedding", _init(self.embedding_init, self.axes),
+                                    (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        """ids ``[b, l]`` int -> ``[b, l, d]``."""
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """``[b, l, d]`` -> logits ``[b, l, vocab]`` against the (tied) table."""
+        return jnp.dot(x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype).T)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (``rms=False``; BERT) or RMSNorm (``rms=True``; T5, Llama), fp32 inside."""
+
+    eps: float = 1e-12
+    rms: bool = False
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", _init(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        if self.rms:
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            # T5/Llama cast back to the compute dtype before scaling.
+            return jnp.asarray(scale, self.dtype) * y.astype(self.dtype)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * jnp.asarray(scale, jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", _init(nn.initializers.zeros, ("embed",)), (d,),
+                              self.param_dtype)
+            y = y + jnp.asarray(bias, jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """RoPE in the Hugging Face (rotate-half) layout.
+
+    x ``[b, l, h, dh]``; cos, sin ``[b, l, dh]`` -> ``[b, l, h, dh]``.
+    """
+    cos = cos[:, :, None, :].astype(jnp.float32)
+    sin = sin[:, :, None, :].astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+def make_attention_bias(key_mask: Optional[Array], q_len: int, causal: bool = False,
+                        query_offset: Optional[Array] = None, dtype: Dtype = jnp.float32
+                        ) -> Optional[Array]:
+    """Additive attention bias ``[b, 1, q, k]`` from a key padding mask ``[b, k]`` (1 = real).
+
+    ``causal``: query i (at absolute position ``query_offset + i``) sees keys ``<=`` it.
+    ``query_offset``: ``[b]`` or scalar; default ``k - q`` (queries are the last ``q``
+    positions, as with a KV cache).
+    """
+    if key_mask is None and not causal:
+        return None
+    bias = None
+    if key_mask is not None:
+        bias = jnp.where(key_mask[:, None, None, :] > 0, 0.0, NEG_INF).astype(dtype)
+    if causal:
+        k_len = key_mask.shape[-1] if key_mask is not None else q_len
+        off = (k_len - q_len) if query_offset is None else query_offset
+        off = jnp.reshape(jnp.asarray(off), (-1, 1, 1, 1))
+        qpos = jnp.arange(q_len)[None, None, :, None] + off
+        kpos = jnp.arange(k_len)[None, None, None, :]
+        c = jnp.where(kpos <= qpos, 0.0, NEG_INF).astype(dtype)
+        bias = c if bias is None else jnp.minimum(bias, c)
+    return bias
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with PEFT slots and an optional KV cache.
+
+    Parameters: ``query``, ``key``, ``value`` ``[d_model, heads * head_dim]`` and
+    ``out`` ``[heads * head_dim, d_model]`` (all :class:`Dense`, so LoRA/IA3 can target
+    them by path). ``num_kv_heads < num_heads`` gives GQA.
+
+    ``decode=True`` keeps ``cached_key/cached_value [b, max_len, h_kv, dh]`` and
+    ``cache_index`` in the ``cache`` collection (initialize by running the model once on
+    a ``[b, max_len]`` dummy with ``decode=True``); the caller's ``bias`` then covers all
+    ``max_len`` keys.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: Optional[int] = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    scale: Optional[float] = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    slots: Slots = NO_SLOTS
+
+    def _dense(self, features, name, use_bias, axes):
+        return Dense(features, use_bias=use_bias, axes=axes, dtype=self.dtype,
+                     param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                     slots=self.slots, name=name)
+
+    @nn.compact
+    def __call__(self, x: Array, kv_input: Optional[Array] = None, bias: Optional[Array] = None,
+                 position_bias: Optional[Array] = None, rotary: Optional[tuple[Array, Array]] = None,
+                 decode: bool = False, deterministic: bool = True) -> Array:
+        """x ``[b, q, d]``; kv_input ``[b, k, d]`` (cross attention) or None (self).
+
+        bias: additive ``[b, 1|h, q, k]``; position_bias: additive ``[1|b, h, q, k]`` (T5);
+        rotary: ``(cos, sin)`` ``[b, q, dh]`` applied to queries and keys (self attention).
+        Returns ``[b, q, d_model]``.
+        """
+        b, q_len, d_model = x.shape
+        h, dh = self.num_heads, self.head_dim
+        h_kv = self.num_kv_heads or h
+        kv_in = x if kv_input is None else kv_input
+        qs = self._dense(h * dh, "query", self.qkv_bias, ("embed", "joined_kv"))(x, deterministic)
+        ks = self._dense(h_kv * dh, "key", self.qkv_bias, ("embed", "joined_kv"))(kv_in, deterministic)
+        vs = self._dense(h_kv * dh, "value", self.qkv_bias, ("embed", "joined_kv"))(kv_in, deterministic)
+        qs = qs.reshape(b, q_len, h, dh)
+        ks = ks.reshape(b, ks.shape[1], h_kv, dh)
+        vs = vs.reshape(b, vs.shape[1], h_kv, dh)
+        if rotary is not None:
+            cos, sin = rotary
+            qs = apply_rotary(qs, cos, sin)
+            ks = apply_rotary(ks, cos, sin)
+
+        if decode:
+            ks, vs = self._update_cache(ks, vs)
+
+        n_prefix = 0
+        if self.slots:
+            ks, vs, n_prefix = self.slots.attention_kv(self, ks, vs, deterministic)
+        if n_prefix:
+            pad = [(0, 0)] * 3 + [(n_prefix, 0)]
+            if bias is not None:
+                bias = jnp.pad(bias, pad)
+            if position_bias is not None and position_bias.shape[-1] != ks.shape[1]:
+                position_bias = jnp.pad(position_bias, pad)
+
+        out = dot_product_attention(qs, ks, vs, bias=bias, position_bias=position_bias,
+                                    scale=self.scale if self.scale is not None else 1.0 / math.sqrt(dh),
+                                    dropout_rate=self.dropout_rate, deterministic=deterministic,
+                                    dropout_rng=(None if deterministic or self.dropout_rate == 0.0
+                                                 else self.make_rng("dropout")),
+                                    dtype=self.dtype)
+        out = out.reshape(b, q_len, h * dh)
+        return self._dense(d_model, "out", self.out_bias, ("joined_kv", "embed"))(out, deterministic)
+
+    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
+        initialized = self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        idx = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:
+            return k, v
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+        idx.value = i + k.shape[1]
+        return ck.value, cv.value
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Optional[Array] = None,
+                          position_bias: Optional[Array] = None, scale: float = 1.0,
+                          dropout_rate: float = 0.0, deterministic: bool = True,
+                          dropout_rng: Optional[Array] = None, dtype: Dtype = jnp.float32) -> Array:
+    """Softmax attention with GQA.
+
+    q ``[b, q, h, dh]``; k, v ``[b, k, h_kv, dh]`` (``h % h_kv == 0``);
+    bias ``[b, 1|h, q, k]``; position_bias ``[1|b, h, q, k]`` -> ``[b, q, h, dh]``.
+    """
+    b, q_len, h, dh = q.shape
+    h_kv = k.shape[2]
+    g = h // h_kv
+    qg = q.reshape(b, q_len, h_kv, g, dh)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg.astype(dtype), k.astype(dtype))
+    logits = logits.astype(jnp.float32) * scale
+    logits = logits.reshape(b, h, q_len, k.shape[1])
+    if position_bias is not None:
+        logits = logits + position_bias.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(dtype).reshape(b, h_kv, g, q_len, k.shape[1])
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
+    return out.reshape(b, q_len, h, dh)
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: ``down(act(up(x)))`` or gated ``down(act(gate(x)) * up(x))``.
+
+    x ``[b, l, d]`` -> ``[b, l, d]``; Dense names ``up``, ``gate``, ``down``.
+    """
+
+    d_ff: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dropout_rate: float = 0.0  # applied to the activation (T5); BERT applies it after `down`
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        act = get_activation(self.activation)
+        d = x.shape[-1]
+        mk = lambda f, n, axes: Dense(f, use_bias=self.use_bias, axes=axes, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                      slots=self.slots, name=n)
+        if self.gated:
+            hdn = act(mk(self.d_ff, "gate", ("embed", "mlp"))(x, deterministic)) \
+                * mk(self.d_ff, "up", ("embed", "mlp"))(x, deterministic)
+        else:
+            hdn = act(mk(self.d_ff, "up", ("embed", "mlp"))(x, deterministic))
+        hdn = nn.Dropout(self.dropout_rate)(hdn, deterministic=deterministic)
+        return mk(d, "down", ("mlp", "embed"))(hdn, deterministic)
