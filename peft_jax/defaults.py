@@ -1,0 +1,121 @@
+"""The full experiment config schema with defaults; configs/*.py start from it.
+
+Every key a run understands is here, so an override of a key that is not here is a typo
+(and fails, naming the key). ``validate`` checks enumerations and combinations before any
+model is loaded or compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from peft_jax.config import ConfigError, check_choice
+
+FORMATS = ("classification", "regression", "verbalizer")
+METHODS = ("prompt", "prefix", "lora", "adapter", "ia3", "bitfit", "full", "head")
+POOLINGS = ("cls", "cls_before_pooler", "mean", "first_last_avg", "last_token")
+PROMPT_INITS = ("uniform", "sampled_vocab", "class_labels", "text", "file")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.workdir = "runs/run"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "minilm"            # known name, HF folder, or .gguf file
+    c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (deltas stay fp32)
+    c.model.pooling = "mean"           # for classification/regression heads
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "sst2"               # a registered task (peft_jax.data) or "file"
+    c.task.format = "classification"  # classification | regression | verbalizer
+    c.task.train_split = "train"
+    c.task.eval_split = "dev"
+    c.task.test_split = ""             # evaluated once at the end when set
+    c.task.max_length = 128
+    c.task.max_train_examples = 0      # 0 = all
+    c.task.max_eval_examples = 0
+    c.task.template = ""               # verbalizer format: "" = the task's default template
+    c.task.label_words = ""            # "great,terrible" (one per class, in label order); "" = default
+    c.task.file = ml_collections.ConfigDict()   # a user's dataset (task.name = "file")
+    c.task.file.path = ""
+    c.task.file.format = "tsv"
+    c.task.file.text_fields = "text"
+    c.task.file.label_field = "label"
+    c.task.file.label_names = ""
+
+    c.peft = ml_collections.ConfigDict()
+    c.peft.methods = "lora"            # comma list of METHODS, e.g. "prompt,lora" or "full"
+    c.peft.prompt = ml_collections.ConfigDict(dict(
+        length=20, init="uniform", init_scale=0.5, placement="prefix", file="", top_k=5000))
+    c.peft.prefix = ml_collections.ConfigDict(dict(length=10, projection_hidden=0))
+    c.peft.lora = ml_collections.ConfigDict(dict(
+        rank=8, alpha=16.0, dropout=0.0, targets=r".*/(query|value)$", rslora=False))
+    c.peft.adapter = ml_collections.ConfigDict(dict(placement="houlsby", bottleneck=64))
+    c.peft.ia3 = ml_collections.ConfigDict(dict(targets=r".*/(key|value|down)$",
+                                                feedforward=r".*/down$"))
+    c.peft.head = ml_collections.ConfigDict(dict(kind="linear", dropout=0.1))
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adamw"        # adamw | adafactor | sgd
+    c.optim.lr = 1e-3
+    c.optim.head_lr = 0.0              # 0 = same as lr
+    c.optim.prompt_lr = 0.0            # 0 = same as lr (Lester et al.: 0.3 with adafactor)
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "constant"      # constant | linear | cosine
+    c.optim.warmup_steps = 0
+    c.optim.clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 16
+    c.train.grad_accum = 1
+    c.train.eval_every = 0
+    c.train.log_every = 10
+    c.train.ckpt_every = 0
+    c.train.keep = 2
+    c.train.best_metric = ""           # e.g. "accuracy": also keep the best checkpoint
+    c.train.eval_batch_size = 64
+    c.train.buckets = (32, 64, 128, 256)
+    c.train.resume = True
+    c.train.baseline = True            # also evaluate the untrained delta (before training)
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def method_list(cfg) -> list[str]:
+    return [m.strip() for m in cfg.peft.methods.split(",") if m.strip()]
+
+
+def validate(cfg) -> None:
+    """Enumerations and combinations; raises ConfigError naming the key."""
+    check_choice(cfg, "task.format", FORMATS)
+    check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
+    check_choice(cfg, "model.pooling", POOLINGS)
+    check_choice(cfg, "peft.prompt.init", PROMPT_INITS)
+    check_choice(cfg, "peft.prompt.placement", ("prefix", "after_bos", "suffix"))
+    check_choice(cfg, "peft.adapter.placement", ("houlsby", "pfeiffer"))
+    check_choice(cfg, "optim.optimizer", ("adamw", "adafactor", "sgd"))
+    check_choice(cfg, "optim.schedule", ("constant", "linear", "cosine"))
+    methods = method_list(cfg)
+    if not methods:
+        raise ConfigError("config.peft.methods is empty; choose from " + ", ".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"config.peft.methods: unknown method {m!r}; choose from {list(METHODS)}")
+    if "full" in methods and len(methods) > 1 and set(methods) - {"full", "head"}:
+        raise ConfigError("config.peft.methods: 'full' fine-tuning trains every base weight; "
+                          f"combining it with {methods} makes no sense")
+    if cfg.peft.prompt.init == "file" and "prompt" in methods and not cfg.peft.prompt.file:
+        raise ConfigError("config.peft.prompt.init='file' needs config.peft.prompt.file (an .npy)")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"config.train.grad_accum={cfg.train.grad_accum}")
+    if cfg.train.steps <= 0:
+        raise ConfigError(f"config.train.steps={cfg.train.steps} must be positive")
+    if cfg.task.name == "file" and not cfg.task.file.path:
+        raise ConfigError("config.task.name='file' needs config.task.file.path")

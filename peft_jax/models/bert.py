@@ -1,0 +1,575 @@
+"""BERT and RoBERTa encoders (post-LN), with optional pooler and tied MLM head.
+
+One module covers both families: RoBERTa differs only in its position ids (they start at
+``pad_token_id + 1`` and skip pad tokens, as HF's ``create_position_ids_from_input_ids``),
+its MLM head names (``lm_head.*``; the head activation is always exact GELU) and defaults.
+
+Module tree (the base pytree mirrors it; ``hf_module_name`` maps it to HF names)::
+
+    embeddings/{word_embeddings, position_embeddings, token_type_embeddings, layer_norm}
+    encoder/layer_{i}/{attention/{query,key,value,out}, attention_norm, mlp/{up,down}, mlp_norm}
+    pooler                                      (config.add_pooling_layer)
+    mlm_head/{transform, layer_norm, bias}      (config.with_mlm_head; decoder tied)
+
+PEFT slots: ``input_embeddings`` is called by :class:`BertModel` itself (so soft-prompt
+parameters sit at the root of the delta) on the word embeddings, before position and
+token-type embeddings are added; inserted positions get token type 0 and ordinary
+consecutive positions. ``sublayer`` is called by each :class:`BertLayer` on the attention
+and FFN outputs after their dropout, before residual add + LayerNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.models import hf_io
+from peft_jax.models.hf_io import CheckpointError
+from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
+                                    make_attention_bias)
+from peft_jax.models.slots import NO_SLOTS, Slots, apply_inserts
+
+Array = Any
+Dtype = Any
+
+MODEL_TYPES = ("bert", "roberta")
+_HF_DEFAULTS = {  # defaults of transformers' BertConfig / RobertaConfig for optional fields
+    "bert": {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None},
+    "roberta": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT / RoBERTa encoder (validated on construction)."""
+
+    vocab_size: int = 30522
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    d_ff: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    position_embedding_type: str = "absolute"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    add_pooling_layer: bool = True
+    with_mlm_head: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type={self.model_type!r}; supported: {list(MODEL_TYPES)}")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"unsupported position_embedding_type={self.position_embedding_type!r}; "
+                             "supported: ['absolute']")
+        get_activation(self.hidden_act, "hidden_act")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"hidden_size={self.d_model} is not divisible by "
+                             f"num_attention_heads={self.num_heads}")
+        if self.is_roberta and self.max_position_embeddings <= self.pad_token_id + 1:
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings} leaves no "
+                             f"positions after pad_token_id={self.pad_token_id} (RoBERTa)")
+
+    @property
+    def is_roberta(self) -> bool:
+        return self.model_type == "roberta"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence (prompts included) that has position embeddings."""
+        return (self.max_position_embeddings - self.pad_token_id - 1 if self.is_roberta
+                else self.max_position_embeddings)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "BertConfig":
+        """A small random-init config for tests (RoBERTa: ``tiny(model_type='roberta')``)."""
+        base = dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=37,
+                    max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12)
+        if overrides.get("model_type") == "roberta":
+            base.update(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+                        layer_norm_eps=1e-5)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config.json", **overrides) -> "BertConfig":
+        """From a Hugging Face ``config.json`` dict; unsupported values -> CheckpointError.
+
+        ``overrides`` set fields that are not in HF configs (``add_pooling_layer``,
+        ``with_mlm_head``).
+        """
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise CheckpointError(f"{source}: config field model_type={model_type!r} is not "
+                                  f"supported; supported: {list(MODEL_TYPES)}")
+        hf_io.check_keys(cfg, {"is_decoder": (False,), "add_cross_attention": (False,),
+                               "position_embedding_type": ("absolute",)}, source)
+        if cfg.get("hidden_act") is not None and not isinstance(cfg["hidden_act"], str):
+            raise CheckpointError(f"{source}: config field hidden_act={cfg['hidden_act']!r} is not "
+                                  "supported (must be an activation name)")
+        defaults = _HF_DEFAULTS[model_type]
+
+        def field(name: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
+            if cfg.get(name) is None:
+                if default is dataclasses.MISSING:
+                    raise CheckpointError(f"{source}: missing config field {name!r}")
+                return default
+            try:
+                value = kind(cfg[name])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{source}: config field {name}={cfg[name]!r} is not "
+                                      f"a valid {kind.__name__}") from None
+            if kind is int and value != cfg[name]:
+                raise CheckpointError(f"{source}: config field {name}={cfg[name]!r} is not an integer")
+            return value
+
+        def optional_int(name: str) -> Optional[int]:
+            v = cfg.get(name, defaults[name])
+            return v if isinstance(v, int) or v is None else None  # lists of eos ids: not needed
+
+        kwargs = dict(
+            vocab_size=field("vocab_size", int),
+            d_model=field("hidden_size", int),
+            num_layers=field("num_hidden_layers", int),
+            num_heads=field("num_attention_heads", int),
+            d_ff=field("intermediate_size", int),
+            hidden_act=field("hidden_act", str, "gelu"),
+            max_position_embeddings=field("max_position_embeddings", int, 512),
+            type_vocab_size=field("type_vocab_size", int, 2),
+            layer_norm_eps=field("layer_norm_eps", float, 1e-12),
+            pad_token_id=field("pad_token_id", int, defaults["pad_token_id"]),
+            model_type=model_type,
+            position_embedding_type=field("position_embedding_type", str, "absolute"),
+            hidden_dropout=field("hidden_dropout_prob", float, 0.1),
+            attention_dropout=field("attention_probs_dropout_prob", float, 0.1),
+            initializer_range=field("initializer_range", float, 0.02),
+            bos_token_id=optional_int("bos_token_id"),
+            eos_token_id=optional_int("eos_token_id"),
+        )
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """A ``config.json`` dict that transformers' AutoConfig loads as Bert/RobertaConfig."""
+        arch = {"bert": "Bert", "roberta": "Roberta"}[self.model_type]
+        return {
+            "architectures": [f"{arch}ForMaskedLM" if self.with_mlm_head else f"{arch}Model"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.d_ff,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "position_embedding_type": self.position_embedding_type,
+            "hidden_dropout_prob": self.hidden_dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": True,
+            "is_decoder": False,
+            "add_cross_attention": False,
+        }
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def position_ids(config: BertConfig, token_mask: Array) -> Array:
+    """Position ids ``[b, l]`` from a non-pad indicator ``[b, l]`` (1 = real token or prompt).
+
+    BERT: ``0 .. l-1``. RoBERTa: ``cumsum(token_mask) * token_mask + pad_token_id`` (pads get
+    ``pad_token_id``; real tokens count from ``pad_token_id + 1``), as HF.
+    """
+    b, l = token_mask.shape
+    if not config.is_roberta:
+        return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+    m = token_mask.astype(jnp.int32)
+    return jnp.cumsum(m, axis=1) * m + config.pad_token_id
+
+
+class BertEmbeddings(nn.Module):
+    """Word, position and token-type tables, LayerNorm and dropout.
+
+    Split into :meth:`words` and :meth:`combine` so that the model can run the
+    ``input_embeddings`` slot in between; :meth:`attend` gives tied MLM logits.
+    """
+
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        self.word_embeddings = Embed(c.vocab_size, c.d_model, axes=("vocab", "embed"),
+                                     dtype=self.dtype, embedding_init=init)
+        self.position_embeddings = Embed(c.max_position_embeddings, c.d_model,
+                                         axes=("length", "embed"), dtype=self.dtype,
+                                         embedding_init=init)
+        self.token_type_embeddings = Embed(c.type_vocab_size, c.d_model, axes=(None, "embed"),
+                                           dtype=self.dtype, embedding_init=init)
+        self.layer_norm = LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def words(self, input_ids: Array) -> Array:
+        """``[b, l]`` int -> ``[b, l, d]``."""
+        return self.word_embeddings(input_ids)
+
+    def combine(self, words: Array, token_type_ids: Array, positions: Array,
+                deterministic: bool = True) -> Array:
+        """``words + type + position`` -> LayerNorm -> dropout; all ``[b, l, d]``."""
+        x = words + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)
+        return self.dropout(self.layer_norm(x), deterministic=deterministic)
+
+    def attend(self, x: Array) -> Array:
+        """``[b, l, d]`` -> ``[b, l, vocab]`` against the word embedding table."""
+        return self.word_embeddings.attend(x)
+
+    def __call__(self, input_ids: Array, token_type_ids: Array, positions: Array,
+                 deterministic: bool = True) -> Array:
+        return self.combine(self.words(input_ids), token_type_ids, positions, deterministic)
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: ``LN(x + drop(attn(x)))`` then ``LN(h + drop(ffn(h)))``; ``[b, l, d]``."""
+
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Optional[Array], deterministic: bool = True) -> Array:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        a = Attention(num_heads=c.num_heads, head_dim=c.head_dim, qkv_bias=True, out_bias=True,
+                      dropout_rate=c.attention_dropout, dtype=self.dtype, kernel_init=init,
+                      slots=self.slots, name="attention")(x, bias=bias, deterministic=deterministic)
+        a = nn.Dropout(c.hidden_dropout)(a, deterministic=deterministic)
+        a = self.slots.sublayer(self, "attention", a, deterministic)
+        h = LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype, name="attention_norm")(x + a)
+        f = Mlp(d_ff=c.d_ff, activation=c.hidden_act, gated=False, use_bias=True,
+                dropout_rate=0.0, dtype=self.dtype, kernel_init=init, slots=self.slots,
+                name="mlp")(h, deterministic)
+        f = nn.Dropout(c.hidden_dropout)(f, deterministic=deterministic)
+        f = self.slots.sublayer(self, "ffn", f, deterministic)
+        return LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype, name="mlp_norm")(h + f)
+
+
+class BertEncoder(nn.Module):
+    """The stack of :class:`BertLayer` (``layer_0`` ...); returns every layer's output."""
+
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Optional[Array], deterministic: bool = True
+                 ) -> tuple[Array, ...]:
+        outs = []
+        for i in range(self.config.num_layers):
+            x = BertLayer(self.config, self.dtype, self.slots, name=f"layer_{i}")(x, bias, deterministic)
+            outs.append(x)
+        return tuple(outs)
+
+
+class MlmHead(nn.Module):
+    """``dense -> act -> LayerNorm``; logits = tied decoder + ``bias``. ``[b, l, d] -> [b, l, V]``."""
+
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, h: Array, attend, deterministic: bool = True) -> Array:
+        c = self.config
+        x = Dense(c.d_model, axes=("embed", "mlp"), dtype=self.dtype,
+                  kernel_init=nn.initializers.normal(c.initializer_range), slots=self.slots,
+                  name="transform")(h, deterministic)
+        # RobertaLMHead always uses exact GELU; BERT's transform uses hidden_act.
+        x = get_activation("gelu" if c.is_roberta else c.hidden_act, "hidden_act")(x)
+        x = LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                          (c.vocab_size,), jnp.float32)
+        return attend(x) + jnp.asarray(bias, self.dtype)
+
+
+class BertModel(nn.Module):
+    """BERT / RoBERTa encoder as a pure function of ``{"params": base, "peft": delta}``."""
+
+    config: BertConfig
+    slots: Slots = NO_SLOTS
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 token_type_ids: Optional[Array] = None, deterministic: bool = True,
+                 output_hidden_states: bool = False) -> dict[str, Any]:
+        """input_ids, attention_mask (1 = real), token_type_ids: ``[b, l]``.
+
+        Returns ``hidden_states [b, l', d]``, ``attention_mask [b, l']`` (l' includes
+        slot inserts), ``pooled [b, d]`` (with a pooler), ``logits [b, l', vocab]`` (with
+        the MLM head) and ``all_hidden_states`` (embedding output, then every layer) when
+        ``output_hidden_states``.
+        """
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        emb = BertEmbeddings(c, self.dtype, name="embeddings")
+        words = emb.words(input_ids)
+        words, mask, inserts = self.slots.input_embeddings(self, words, attention_mask, deterministic)
+        token_type_ids = apply_inserts(inserts, token_type_ids, 0)
+        token_mask = apply_inserts(inserts, (input_ids != c.pad_token_id).astype(jnp.int32), 1)
+        length = words.shape[1]
+        if length > c.max_length:
+            raise ValueError(f"sequence length {length} (prompts included) exceeds the "
+                             f"{c.max_length} positions of this model (max_position_embeddings="
+                             f"{c.max_position_embeddings})")
+        x = emb.combine(words, token_type_ids, position_ids(c, token_mask), deterministic)
+
+        bias = make_attention_bias(mask, length, dtype=jnp.float32)
+        layers = BertEncoder(c, self.dtype, self.slots, name="encoder")(x, bias, deterministic)
+        h = layers[-1] if layers else x
+        out: dict[str, Any] = {"hidden_states": h, "attention_mask": mask}
+        if output_hidden_states:
+            out["all_hidden_states"] = (x,) + layers
+        if c.add_pooling_layer:
+            pooled = Dense(c.d_model, axes=("embed", "mlp"), dtype=self.dtype,
+                           kernel_init=nn.initializers.normal(c.initializer_range),
+                           slots=self.slots, name="pooler")(h[:, 0], deterministic)
+            out["pooled"] = jnp.tanh(pooled)
+        if c.with_mlm_head:
+            out["logits"] = MlmHead(c, self.dtype, self.slots, name="mlm_head")(
+                h, emb.attend, deterministic)
+        return out
+
+
+# ----------------------------------------------------------------------------- conversion
+
+# (our path, HF name relative to the base model / head prefix, kind); kind: "linear"
+# (kernel = weight.T), "vector", "table" (embedding as is).
+
+
+def _hf_layout(config: BertConfig) -> list[tuple[tuple[str, ...], str, str, tuple[int, ...]]]:
+    """Every base leaf: (path in the base pytree, HF tensor name, kind, our shape).
+
+    Head names carry a ``"@head:"`` marker resolved by the caller (they depend on the family).
+    """
+    c = config
+    d, f, v = c.d_model, c.d_ff, c.vocab_size
+    out: list = []
+
+    def linear(path, hf, n_in, n_out):
+        out.append((path + ("kernel",), hf + ".weight", "linear", (n_in, n_out)))
+        out.append((path + ("bias",), hf + ".bias", "vector", (n_out,)))
+
+    def norm(path, hf):
+        out.append((path + ("scale",), hf + ".weight", "vector", (d,)))
+        out.append((path + ("bias",), hf + ".bias", "vector", (d,)))
+
+    e = ("embeddings",)
+    out.append((e + ("word_embeddings", "embedding"), "embeddings.word_embeddings.weight", "table", (v, d)))
+    out.append((e + ("position_embeddings", "embedding"), "embeddings.position_embeddings.weight",
+                "table", (c.max_position_embeddings, d)))
+    out.append((e + ("token_type_embeddings", "embedding"), "embeddings.token_type_embeddings.weight",
+                "table", (c.type_vocab_size, d)))
+    norm(e + ("layer_norm",), "embeddings.LayerNorm")
+    for i in range(c.num_layers):
+        p, hf = ("encoder", f"layer_{i}"), f"encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            linear(p + ("attention", name), f"{hf}.attention.self.{name}", d, d)
+        linear(p + ("attention", "out"), f"{hf}.attention.output.dense", d, d)
+        norm(p + ("attention_norm",), f"{hf}.attention.output.LayerNorm")
+        linear(p + ("mlp", "up"), f"{hf}.intermediate.dense", d, f)
+        linear(p + ("mlp", "down"), f"{hf}.output.dense", f, d)
+        norm(p + ("mlp_norm",), f"{hf}.output.LayerNorm")
+    if c.add_pooling_layer:
+        linear(("pooler",), "pooler.dense", d, d)
+    if c.with_mlm_head:
+        h = _head_names(c)
+        linear(("mlm_head", "transform"), "@head:" + h["transform"], d, d)
+        norm(("mlm_head", "layer_norm"), "@head:" + h["layer_norm"])
+        out.append((("mlm_head", "bias"), "@head:" + h["bias"], "vector", (v,)))
+    return out
+
+
+def _head_names(config: BertConfig) -> dict[str, str]:
+    if config.is_roberta:
+        return {"module": "lm_head", "transform": "lm_head.dense",
+                "layer_norm": "lm_head.layer_norm", "bias": "lm_head.bias",
+                "decoder": "lm_head.decoder"}
+    return {"module": "cls.predictions", "transform": "cls.predictions.transform.dense",
+            "layer_norm": "cls.predictions.transform.LayerNorm",
+            "bias": "cls.predictions.bias", "decoder": "cls.predictions.decoder"}
+
+
+def _aliases(name: str) -> list[str]:
+    """Other spellings of an HF tensor name in older checkpoints (TF-era gamma/beta, tied bias)."""
+    alts = [name]
+    if name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight"):
+        alts.append(name[: -len("weight")] + "gamma")
+    if name.endswith("LayerNorm.bias") or name.endswith("layer_norm.bias"):
+        alts.append(name[: -len("bias")] + "beta")
+    if name in ("cls.predictions.bias", "lm_head.bias"):
+        alts.append(name[: -len("bias")] + "decoder.bias")
+    return alts
+
+
+def _base_prefix(tensors: Mapping[str, np.ndarray], config: BertConfig) -> str:
+    """'' (BertModel files, e.g. all-MiniLM-L6-v2), 'bert.' or 'roberta.' (task-model files)."""
+    key = "embeddings.word_embeddings.weight"
+    order = ["", f"{config.model_type}.", "bert.", "roberta."]
+    for p in order:
+        if p + key in tensors:
+            return p
+    return ""
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            raise KeyError("/".join(path))
+        tree = tree[k]
+    return tree
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
+                   source: str = "checkpoint") -> dict:
+    """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
+
+    Accepts names with or without a ``bert.``/``roberta.`` prefix, ``LayerNorm.gamma/beta``
+    spellings and MLM head names ``cls.predictions.*`` / ``lm_head.*``. A missing tensor or
+    one of the wrong shape raises :class:`CheckpointError` naming it.
+    """
+    prefix = _base_prefix(tensors, config)
+    base: dict = {}
+    for path, hf, kind, shape in _hf_layout(config):
+        name = hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf
+        hf_shape = shape[::-1] if kind == "linear" else shape
+        found = next((a for a in _aliases(name) if a in tensors), name)
+        arr = np.asarray(hf_io.take(tensors, found, hf_shape, source), np.float32)
+        _set(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
+    if config.with_mlm_head:
+        dec = _head_names(config)["decoder"] + ".weight"
+        table = base["embeddings"]["word_embeddings"]["embedding"]
+        if dec in tensors and not (tensors[dec].shape == table.shape
+                                   and np.allclose(tensors[dec], table, atol=1e-6)):
+            raise CheckpointError(f"{source}: tensor {dec!r} differs from the word embeddings; "
+                                  "untied MLM decoders are not supported")
+    return base
+
+
+def params_to_hf(base: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
+    """Base pytree -> flat HF tensors, named as ``Bert/RobertaModel`` (no head) or
+    ``Bert/RobertaForMaskedLM`` (``config.with_mlm_head``: ``bert.``/``roberta.`` prefix)."""
+    base = nn.meta.unbox(base)
+    prefix = f"{config.model_type}." if config.with_mlm_head else ""
+    out: dict[str, np.ndarray] = {}
+    for path, hf, kind, _ in _hf_layout(config):
+        try:
+            arr = np.asarray(_get(base, path), np.float32)
+        except KeyError:
+            raise CheckpointError(f"base params: missing leaf {'/'.join(path)!r}") from None
+        name = hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf
+        out[name] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
+    return out
+
+
+def load_hf(folder: str, add_pooling_layer: Optional[bool] = None,
+            with_mlm_head: Optional[bool] = None, **overrides) -> tuple[BertConfig, dict]:
+    """Read a HF folder (``config.json`` + safetensors) -> ``(config, base)``.
+
+    ``add_pooling_layer`` / ``with_mlm_head``: None = use them when the checkpoint has
+    their tensors; True = require them (missing tensors are an error).
+    """
+    cfg_dict = hf_io.read_config(folder)
+    source = os.path.join(folder, "config.json")
+    config = BertConfig.from_hf(cfg_dict, source, **overrides)
+    tensors = hf_io.load_safetensors(folder)
+    prefix = _base_prefix(tensors, config)
+    if add_pooling_layer is None:
+        add_pooling_layer = f"{prefix}pooler.dense.weight" in tensors
+    if with_mlm_head is None:
+        bias = _head_names(config)["bias"]
+        with_mlm_head = any(a in tensors for a in _aliases(bias))
+    config = dataclasses.replace(config, add_pooling_layer=add_pooling_layer,
+                                 with_mlm_head=with_mlm_head)
+    return config, params_from_hf(tensors, config, source=folder)
+
+
+def save_hf(folder: str, config: BertConfig, base: Mapping) -> None:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``."""
+    hf_io.save_safetensors(folder, params_to_hf(base, config), config.to_hf())
+
+
+_MODULE_MAP = [  # (regex on our module path, HF name template)
+    (r"embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", r"embeddings.\1"),
+    (r"embeddings/layer_norm", "embeddings.LayerNorm"),
+    (r"encoder/layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
+    (r"encoder/layer_(\d+)/attention/out", r"encoder.layer.\1.attention.output.dense"),
+    (r"encoder/layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
+    (r"encoder/layer_(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
+    (r"encoder/layer_(\d+)/mlp/down", r"encoder.layer.\1.output.dense"),
+    (r"encoder/layer_(\d+)/mlp_norm", r"encoder.layer.\1.output.LayerNorm"),
+    (r"encoder/layer_(\d+)", r"encoder.layer.\1"),
+    (r"pooler", "pooler.dense"),
+]
+
+
+def hf_module_name(path: str, model_type: str = "bert") -> str:
+    """Our module path -> HF module name, relative to ``BertModel``/``RobertaModel``
+    (MLM head modules: relative to ``*ForMaskedLM``).
+
+    'encoder/layer_0/attention/query' -> 'encoder.layer.0.attention.self.query'.
+    """
+    path = path.strip("/")
+    if path.startswith("mlm_head/") or path == "mlm_head":
+        names = _head_names(BertConfig.tiny(model_type=model_type))
+        tail = path[len("mlm_head/"):]
+        if tail in ("transform", "layer_norm"):
+            return names[tail]
+        if path == "mlm_head":
+            return names["module"]
+    else:
+        for pattern, template in _MODULE_MAP:
+            m = re.fullmatch(pattern, path)
+            if m:
+                return m.expand(template)
+    raise ValueError(f"hf_module_name: no Hugging Face module for path {path!r}")
