@@ -74,15 +74,15 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
              shard: Callable[[dict], dict], cfg: LoopConfig,
              eval_fn: Optional[Callable[[Any], dict]] = None,
              checkpointer: Optional[DeltaCheckpointer] = None,
-             meta_fn: Optional[Callable[[], dict]] = None,
+             meta_fn: Optional[Callable[[int], dict]] = None,
              writer: Optional[MetricWriter] = None,
              examples_per_step: int = 0, best_metric: Optional[str] = None,
              best_checkpointer: Optional[DeltaCheckpointer] = None,
              on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
     """Run from ``state.step`` to ``cfg.total_steps``.
 
-    ``shard``: host batch -> device arrays. ``meta_fn()``: checkpoint metadata (must include
-    the data iterator position, read *after* the batches consumed so far). ``on_step(step)``
+    ``shard``: host batch -> device arrays. ``meta_fn(step)``: checkpoint metadata (must
+    include the data iterator position, read *after* the batches consumed so far). ``on_step(step)``
     is a test hook called after each completed step (e.g. to kill the process).
     """
     start = int(jax.device_get(state.step))
@@ -96,7 +96,7 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
 
     def save(step: int, force: bool = False):
         if checkpointer is not None:
-            checkpointer.save(step, state, meta_fn() if meta_fn else {"step": step}, force=force)
+            checkpointer.save(step, state, meta_fn(step) if meta_fn else {"step": step}, force=force)
 
     status = "finished"
     steps_run = 0
@@ -145,7 +145,7 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
                 if bar:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
             if (best_checkpointer is not None and do_eval and best_metric in last_eval):
-                best_checkpointer.save(step, state, meta_fn() if meta_fn else {"step": step},
+                best_checkpointer.save(step, state, meta_fn(step) if meta_fn else {"step": step},
                                        metrics={best_metric: float(last_eval[best_metric])})
             if checkpointer is not None and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
                 save(step)

@@ -63,20 +63,3 @@ def causal_lm_loss(logits: Array, input_ids: Array, loss_mask: Array) -> Array:
 def gather_positions(x: Array, positions: Array) -> Array:
     """x ``[b, l, ...]``, positions ``[b]`` int -> ``[b, ...]``."""
     return jnp.take_along_axis(x, positions.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
-
-
-def verbalizer_logits(token_logits: Array, label_word_ids: Array,
-                      label_word_mask: Optional[Array] = None) -> Array:
-    """Class scores from LM logits at the answer position.
-
-    token_logits ``[b, v]``; label_word_ids ``[c, w]`` (w words per class, single-token);
-    label_word_mask ``[c, w]`` (1 = real word). Several words of a class are combined by
-    log-mean-exp of their log-probabilities. Returns ``[b, c]`` log-scores.
-    """
-    logp = jax.nn.log_softmax(token_logits.astype(jnp.float32), axis=-1)
-    scores = logp[:, label_word_ids]  # [b, c, w]
-    if label_word_mask is None:
-        return jax.nn.logsumexp(scores, axis=-1) - jnp.log(label_word_ids.shape[-1])
-    m = label_word_mask.astype(bool)[None]
-    scores = jnp.where(m, scores, -jnp.inf)
-    return jax.nn.logsumexp(scores, axis=-1) - jnp.log(jnp.sum(m, axis=-1).astype(jnp.float32))

@@ -1,0 +1,439 @@
+"""A config -> a trained delta: the runner behind ``peft-jax train | eval | export | params``.
+
+Data flow (DESIGN.md): config -> task (load, encode, fixed-shape batches) -> base loaded
+once -> delta initialized by the methods -> jitted train step over a mesh -> metrics
+(progress bar, JSONL, TensorBoard) -> orbax checkpoint of the delta + optimizer + data
+position -> eval -> ``result.json`` row.
+
+Formats (``config.task.format``):
+- ``classification`` / ``regression``: pooled states (``config.model.pooling``) -> a head
+  in the delta (``delta["head"]``) -> softmax CE / MSE.
+- ``verbalizer``: prompt-based (LM-BFF): a template with the answer slot, label words; the
+  LM's scores of the label words at the mask (MLM) or next-token (causal LM) position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax import defaults
+from peft_jax.config import ConfigError
+
+Array = Any
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def build_methods(cfg) -> tuple:
+    """The PEFT method objects named by ``config.peft.methods`` (heads and base-leaf rules
+    are handled separately: they are not slots)."""
+    from peft_jax import peft as P
+
+    out = []
+    for m in defaults.method_list(cfg):
+        if m == "prompt":
+            p = cfg.peft.prompt
+            out.append(P.PromptTuning(length=p.length, placement=p.placement,
+                                      init_scale=p.init_scale))
+        elif m == "prefix":
+            p = cfg.peft.prefix
+            out.append(P.PrefixTuning(length=p.length, projection_hidden=p.projection_hidden or None))
+        elif m == "lora":
+            p = cfg.peft.lora
+            out.append(P.LoRA(targets=p.targets, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+                              use_rslora=p.rslora))
+        elif m == "adapter":
+            p = cfg.peft.adapter
+            out.append(P.Adapter(placement=p.placement, bottleneck=p.bottleneck))
+        elif m == "ia3":
+            p = cfg.peft.ia3
+            out.append(P.IA3(targets=p.targets, feedforward=p.feedforward))
+    return tuple(out)
+
+
+def base_patterns(cfg) -> tuple[str, ...]:
+    """Base leaves that train (BitFit biases, or everything for full fine-tuning)."""
+    from peft_jax.peft import partition
+
+    methods = defaults.method_list(cfg)
+    pats: tuple[str, ...] = ()
+    if "full" in methods:
+        pats += partition.full_finetuning_patterns()
+    if "bitfit" in methods:
+        pats += partition.bitfit_patterns()
+    return pats
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built once from a validated config."""
+
+    cfg: Any
+    pre: Any                 # models.registry.Pretrained
+    task: Any                # data.Task
+    methods: tuple
+    model: Any               # flax module with slots
+    base_id: str
+    base_hash: str
+
+    @property
+    def kind(self) -> str:
+        return self.pre.kind
+
+
+def _dtype(cfg):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+
+
+def build_experiment(cfg, pretrained: Any = None) -> Experiment:
+    """Validate the config, load the base (or take ``pretrained``) and the task."""
+    defaults.validate(cfg)
+    from peft_jax import data as D
+    from peft_jax.models.registry import load_pretrained
+    from peft_jax.models.slots import Slots
+    from peft_jax.peft.delta_io import base_fingerprint
+
+    task = (D.task_from_config(cfg.task.file.to_dict()) if cfg.task.name == "file"
+            else D.get_task(cfg.task.name))
+    pre = pretrained or load_pretrained(cfg.model.name)
+    methods = build_methods(cfg)
+    model = pre.build(Slots(methods), _dtype(cfg))
+    return Experiment(cfg=cfg, pre=pre, task=task, methods=methods, model=model,
+                      base_id=str(getattr(pre, "name", cfg.model.name)),
+                      base_hash=base_fingerprint(pre.base))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _family(pre) -> str:
+    return {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "t5"}[pre.kind]
+
+
+def _label_words(cfg, task) -> Any:
+    if not cfg.task.label_words:
+        return None  # the task's default verbalizer
+    words = [w.strip() for w in cfg.task.label_words.split(",")]
+    return [w.split("|") for w in words]  # "great|good,terrible|bad": several words per class
+
+
+def encode_split(exp: Experiment, examples: list) -> Any:
+    """Examples -> ``data.Encoded`` for this experiment's format and model family."""
+    from peft_jax.data.tokenize import encode_classification, encode_prompt
+
+    cfg, tok = exp.cfg, exp.pre.tokenizer
+    if cfg.task.format == "verbalizer":
+        return encode_prompt(examples, cfg.task.template or None, _label_words(cfg, exp.task), tok,
+                             family=_family(exp.pre), max_len=cfg.task.max_length, task=exp.task)
+    return encode_classification(examples, tok, cfg.task.max_length, task=exp.task)
+
+
+def load_examples(exp: Experiment, split: str, limit: int = 0, seed: int = 0) -> list:
+    examples = exp.task.load(split)
+    if limit and len(examples) > limit:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(examples), limit, replace=False))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def format_spec(exp: Experiment, encoded: Any = None):
+    from peft_jax.train.forward import FormatSpec
+
+    cfg = exp.cfg
+    lw = None
+    if cfg.task.format == "verbalizer":
+        lw = tuple(tuple(tuple(int(t) for t in w) for w in c)
+                   for c in np.asarray(encoded.constants["label_word_ids"]))
+    start = getattr(exp.pre.config, "decoder_start_token_id", 0) or 0
+    return FormatSpec(kind=exp.pre.kind, format=cfg.task.format, pooling=cfg.model.pooling,
+                      head_kind="regression" if cfg.task.format == "regression" else "classification",
+                      head_dropout=cfg.peft.head.dropout, label_word_ids=lw, methods=exp.methods,
+                      decoder_start_token_id=int(start))
+
+
+def init_trainable(exp: Experiment, example_batch: dict, rng: Array) -> tuple[Any, Any]:
+    """(trainable, frozen): the delta (+ head, + rule-selected base leaves) and the rest."""
+    from peft_jax.peft import init_delta
+    from peft_jax.peft.heads import init_head
+    from peft_jax.peft.partition import split_trainable
+
+    cfg = exp.cfg
+    k_delta, k_head = jax.random.split(rng)
+    delta: dict = {}
+    if exp.methods:
+        batch = {"input_ids": jnp.asarray(example_batch["input_ids"]),
+                 "attention_mask": jnp.asarray(example_batch["attention_mask"])}
+        if exp.kind == "encoder_decoder":
+            batch["decoder_input_ids"] = jnp.zeros((batch["input_ids"].shape[0], 1), jnp.int32)
+        delta = init_delta(exp.model, exp.pre.base, batch, k_delta)
+    if cfg.task.format in ("classification", "regression"):
+        n = 1 if cfg.task.format == "regression" else exp.task.num_labels
+        delta["head"] = init_head("regression" if n == 1 and cfg.task.format == "regression"
+                                  else "classification", exp.pre.d_model, n, k_head)
+    return split_trainable(exp.pre.base, delta, base_patterns(cfg))
+
+
+def make_tx(cfg, trainable: Any):
+    from peft_jax.peft.optim import GroupConfig, make_optimizer
+    from peft_jax.peft.partition import label_tree
+
+    o = cfg.optim
+    total = cfg.train.steps
+
+    def group(lr):
+        return GroupConfig(optimizer=o.optimizer, learning_rate=lr, schedule=o.schedule,
+                           warmup_steps=o.warmup_steps, total_steps=total,
+                           weight_decay=o.weight_decay,
+                           multiply_by_parameter_scale=False if o.optimizer == "adafactor" else True)
+
+    rules = [(r"peft/head/.*", "head"), (r"peft/(.*/)?prompt", "prompt"), (r".*", "default")]
+    labels = label_tree(trainable, rules, unused="ignore")
+    lrs = {"default": o.lr, "head": o.head_lr or o.lr, "prompt": o.prompt_lr or o.lr}
+    used = set(jax.tree.leaves(labels))
+    groups = {k: group(lr) for k, lr in lrs.items() if k in used}
+    return make_optimizer(groups, labels, clip_norm=o.clip_norm or None)
+
+
+def assemble_fn(frozen: Any, trainable: Any) -> dict:
+    """Flax variables from (frozen, trainable); folds a prefix MLP reparameterization."""
+    from peft_jax.peft.partition import assemble
+    from peft_jax.peft.prefix import materialize
+
+    v = assemble(frozen, trainable)
+    if "prefix_reparam" in v["peft"]:
+        v = {"params": v["params"], "peft": materialize(v["peft"])}
+    return v
+
+
+def evaluate(exp: Experiment, spec, predict, trainable: Any, frozen: Any, encoded: Any,
+             shard: Callable, batch_size: int) -> dict:
+    """Task metrics of the current delta on an encoded split (all rows, padded batches)."""
+    from peft_jax.data import make_batches
+    from peft_jax.data.metrics import compute_metrics
+
+    it = make_batches(encoded, batch_size, buckets=tuple(exp.cfg.train.buckets), shuffle=False,
+                      drop_remainder=False, num_epochs=1, shard_index=jax.process_index(),
+                      shard_count=jax.process_count())
+    preds, labels, keep = [], [], []
+    for batch in it:
+        y = np.asarray(jax.device_get(predict(trainable, frozen, shard(_model_batch(batch)))))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            y = np.asarray(multihost_utils.process_allgather(y, tiled=True))
+            batch = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
+                     for k in ("label", "example_mask")}
+        preds.append(y)
+        labels.append(batch["label"])
+        keep.append(batch["example_mask"] > 0)
+    y = np.concatenate(preds)[np.concatenate(keep)]
+    lab = np.concatenate(labels)[np.concatenate(keep)]
+    if exp.cfg.task.format == "regression":
+        return compute_metrics(exp.task.metrics, y, lab)
+    return compute_metrics(exp.task.metrics, y.argmax(-1), lab, num_classes=exp.task.num_labels)
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "mask_pos")
+
+
+def _model_batch(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _flat_config(cfg) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                walk(v, prefix + k + ".")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    walk(cfg, "")
+    return out
+
+
+def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
+                   ) -> dict:
+    """Train (or resume) the run described by ``cfg``; returns and writes its result row."""
+    from peft_jax.data import make_batches
+    from peft_jax.parallel import distributed
+    from peft_jax.parallel.mesh import make_mesh, shard_batch, shardings_for, logical_axes_tree
+    from peft_jax.peft.delta_io import methods_config
+    from peft_jax.peft.partition import tree_size
+    from peft_jax.train.checkpoint import DeltaCheckpointer, abstract_with_shardings
+    from peft_jax.train.forward import make_loss_fn, make_predict_fn
+    from peft_jax.train.loop import LoopConfig, run_loop
+    from peft_jax.train.step import TrainState, jit_train_step, make_eval_step, make_train_step
+    from peft_jax.train.writers import MetricWriter
+
+    distributed.initialize()
+    t_start = time.perf_counter()
+    exp = build_experiment(cfg, pretrained)
+    c = cfg.train
+    os.makedirs(cfg.workdir, exist_ok=True)
+    main = jax.process_index() == 0
+
+    # data
+    train_ex = load_examples(exp, cfg.task.train_split, cfg.task.max_train_examples, cfg.seed)
+    eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples, cfg.seed)
+    train_enc, eval_enc = encode_split(exp, train_ex), encode_split(exp, eval_ex)
+    batches = make_batches(train_enc, c.batch_size // max(jax.process_count(), 1),
+                           buckets=tuple(c.buckets), seed=cfg.seed,
+                           shard_index=jax.process_index(), shard_count=jax.process_count())
+    spec = format_spec(exp, train_enc)
+
+    # delta, optimizer, state
+    mesh = make_mesh(dict(cfg.mesh))
+    rng = jax.random.PRNGKey(cfg.seed)
+    k_init, k_train = jax.random.split(rng)
+    example = next(make_batches(train_enc, 2, buckets=tuple(c.buckets), shuffle=False,
+                                drop_remainder=False, num_epochs=1))
+    trainable, frozen = init_trainable(exp, example, k_init)
+    tx = make_tx(cfg, trainable)
+    state = TrainState.create(trainable, tx, k_train)
+
+    # shardings: base by the logical-axis rules, everything trainable replicated
+    abstract_vars = jax.eval_shape(lambda: exp.pre.build().init(
+        jax.random.PRNGKey(0), **_init_args(exp, example)))
+    axes = logical_axes_tree(abstract_vars["params"])
+    from peft_jax.peft.partition import select_base
+    _, axes_frozen = select_base(axes, base_patterns(cfg)) if base_patterns(cfg) else (None, axes)
+    frozen_sh = shardings_for(frozen, mesh, _match(frozen, axes_frozen))
+    state_sh = shardings_for(state, mesh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    state = jax.device_put(state, state_sh)
+
+    loss_fn = make_loss_fn(exp.model, spec)
+    train_step = jit_train_step(make_train_step(loss_fn, assemble_fn, tx, c.grad_accum),
+                                state_sh, frozen_sh, None)
+    predict = jax.jit(make_eval_step(make_predict_fn(exp.model, spec), assemble_fn))
+    shard = lambda b: shard_batch(_model_batch(b), mesh)
+
+    # checkpoints
+    meta_base = {"base_id": exp.base_id, "base_hash": exp.base_hash,
+                 "methods": methods_config(exp.methods), "format": cfg.task.format,
+                 "task": exp.task.name}
+    ckpt = DeltaCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=c.keep)
+    best = (DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
+            if c.best_metric else None)
+    resumed_from = None
+    if c.resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_with_shardings(jax.eval_shape(lambda: state), state_sh),
+                                   json.loads(json.dumps(meta_base)))
+        batches.set_state(meta["data"])
+        resumed_from = int(meta["step"])
+
+    def meta_fn(step: int) -> dict:
+        return {**meta_base, "step": int(step), "data": batches.get_state()}
+
+    def eval_fn(st):
+        return evaluate(exp, spec, predict, st.trainable, frozen, eval_enc, shard, c.eval_batch_size)
+
+    baseline = {}
+    if c.baseline and resumed_from is None:
+        baseline = eval_fn(state)
+
+    writer = MetricWriter(cfg.workdir) if main else None
+
+    n_params = tree_size(trainable)
+    if main:
+        print(f"[peft_jax] {exp.base_id}: {exp.pre.kind}, methods={cfg.peft.methods}, "
+              f"trainable={n_params:,} / base={tree_size(exp.pre.base):,} params; "
+              f"mesh={dict(mesh.shape)}; train={len(train_ex)} eval={len(eval_ex)} examples"
+              + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
+              flush=True)
+    result_loop = run_loop(
+        state=state, frozen=frozen, train_step=train_step, batches=batches, shard=shard,
+        cfg=LoopConfig(total_steps=c.steps, log_every=c.log_every, eval_every=c.eval_every,
+                       ckpt_every=c.ckpt_every, progress=c.progress and main),
+        eval_fn=eval_fn, checkpointer=ckpt, meta_fn=meta_fn, writer=writer,
+        examples_per_step=c.batch_size, best_metric=c.best_metric or None, best_checkpointer=best,
+        on_step=on_step)
+    ckpt.close()
+    if best is not None:
+        best.close()
+    if writer:
+        writer.close()
+
+    result = {
+        "name": cfg.name, "status": result_loop.status, "config": _flat_config(cfg),
+        "metrics": result_loop.last_eval, "baseline": baseline,
+        "trainable_params": int(n_params), "base_params": int(tree_size(exp.pre.base)),
+        "steps": int(jax.device_get(result_loop.state.step)), "wall_s": time.perf_counter() - t_start,
+        "train_wall_s": result_loop.wall_s, "compilations": result_loop.compilations,
+        "resumed_from": resumed_from,
+    }
+    if result_loop.status == "finished" and cfg.task.test_split:
+        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split))
+        result["test"] = evaluate(exp, spec, predict, result_loop.state.trainable, frozen, test_enc,
+                                  shard, c.eval_batch_size)
+    if main:
+        if result_loop.status == "finished":
+            from peft_jax.peft.delta_io import save_delta
+            delta = jax.device_get(result_loop.state.trainable)
+            save_delta(os.path.join(cfg.workdir, "delta"), delta["peft"], base_id=exp.base_id,
+                       base_hash=exp.base_hash, methods=exp.methods, overwrite=True)
+        _write_json(os.path.join(cfg.workdir, "result.json"), result)
+        print(results_table(result), flush=True)
+    result["state"] = result_loop.state
+    result["frozen"] = frozen
+    return result
+
+
+def _init_args(exp: Experiment, example: dict) -> dict:
+    args = {"input_ids": jnp.asarray(example["input_ids"]),
+            "attention_mask": jnp.asarray(example["attention_mask"])}
+    if exp.kind == "encoder_decoder":
+        args["decoder_input_ids"] = jnp.zeros((args["input_ids"].shape[0], 1), jnp.int32)
+    return args
+
+
+def _match(tree: Any, axes: Any) -> Any:
+    """Axes tree restricted to the structure of ``tree`` (unboxed base from a checkpoint)."""
+    if isinstance(tree, dict):
+        return {k: _match(v, axes.get(k) if isinstance(axes, dict) else None) for k, v in tree.items()}
+    return axes if isinstance(axes, tuple) else None
+
+
+def results_table(result: dict) -> str:
+    """The small table the main job prints: baseline vs trained, params, time."""
+    rows = []
+    keys = sorted(set(result.get("metrics", {})) | set(result.get("baseline", {})))
+    width = max([len(k) for k in keys] + [10])
+    rows.append(f"{'metric':<{width}}  {'untrained':>10}  {'trained':>10}")
+    for k in keys:
+        b = result.get("baseline", {}).get(k)
+        t = result.get("metrics", {}).get(k)
+        fmt = lambda v: f"{v:10.4f}" if isinstance(v, (int, float)) else f"{'-':>10}"
+        rows.append(f"{k:<{width}}  {fmt(b)}  {fmt(t)}")
+    if "test" in result:
+        for k, v in result["test"].items():
+            rows.append(f"{'test ' + k:<{width}}  {'':>10}  {v:10.4f}")
+    tp, bp = result["trainable_params"], result["base_params"]
+    rows.append(f"trainable params: {tp:,} ({100.0 * tp / max(bp, 1):.3f}% of {bp:,} base)")
+    rows.append(f"steps: {result['steps']}  train time: {result['train_wall_s']:.1f}s  "
+                f"total time: {result['wall_s']:.1f}s  compilations: {result['compilations']}")
+    return "\n".join(rows)

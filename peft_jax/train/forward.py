@@ -1,0 +1,165 @@
+"""Model-side halves of the task formats: batch arrays -> scores, and their losses.
+
+A batch is a dict of fixed-shape arrays as made by ``peft_jax.data.make_batches``:
+``input_ids``, ``attention_mask``, ``token_type_ids`` (``[b, l]``), ``label [b]`` (int
+classes or float scores), ``example_mask [b]`` (0 for padding rows of a partial last
+batch) and, for the verbalizer format, ``mask_pos [b, T]`` (positions whose logits score
+the T answer tokens, before any soft-prompt insert).
+
+Everything here is a pure function of ``(variables, batch)``; the heads live in
+``variables["peft"]["head"]`` and are split off before the model is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax.models import pooling
+from peft_jax.train import losses
+
+Array = Any
+
+
+def model_variables(variables: dict) -> tuple[dict, Optional[dict]]:
+    """Split the head off the delta: (variables for model.apply, head params or None)."""
+    delta = dict(variables.get("peft", {}))
+    head = delta.pop("head", None)
+    out = {"params": variables["params"]}
+    if delta:
+        out["peft"] = delta
+    return out, head
+
+
+def inserted_before(methods: tuple, position: int = 1) -> int:
+    """Number of soft-prompt tokens inserted before token ``position`` (static).
+
+    Prompts placed as a prefix (``at=0``) or after BOS (``at=1``) shift every later
+    position; suffix prompts shift none.
+    """
+    n = 0
+    for m in methods:
+        placement = getattr(m, "placement", None)
+        length = getattr(m, "length", 0)
+        if hasattr(m, "input_embeddings") and placement in ("prefix", "after_bos"):
+            at = 0 if placement == "prefix" else 1
+            if at <= position:
+                n += int(length)
+    return n
+
+
+def last_real_index(mask: Array) -> Array:
+    """Index of the last 1 in each row of ``mask [b, l]`` -> ``[b]``."""
+    l = mask.shape[1]
+    idx = jnp.arange(l)[None, :]
+    return jnp.max(jnp.where(mask > 0, idx, -1), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """Static description of how to turn model outputs into class scores."""
+
+    kind: str                    # 'encoder' | 'decoder' | 'encoder_decoder'
+    format: str                  # 'classification' | 'regression' | 'verbalizer'
+    pooling: str = "mean"
+    head_kind: str = "classification"
+    head_dropout: float = 0.1
+    label_word_ids: Optional[tuple] = None    # [C][W][T] token ids, -1 = padding
+    methods: tuple = ()
+    decoder_start_token_id: int = 0
+
+
+def _apply_model(model, spec: FormatSpec, mvars: dict, batch: dict, deterministic: bool,
+                 rng: Optional[Array]) -> dict:
+    rngs = {} if deterministic or rng is None else {"dropout": rng}
+    need_all = spec.pooling in ("first_last_avg", "top2_avg")
+    if spec.kind == "encoder":
+        return model.apply(mvars, batch["input_ids"], batch["attention_mask"],
+                           batch.get("token_type_ids"), deterministic=deterministic,
+                           output_hidden_states=need_all, rngs=rngs)
+    if spec.kind == "decoder":
+        return model.apply(mvars, batch["input_ids"], batch["attention_mask"],
+                           deterministic=deterministic, output_hidden_states=need_all, rngs=rngs)
+    # encoder-decoder (T5): encoder states for heads; one decoder step for verbalizers
+    b = batch["input_ids"].shape[0]
+    dec_in = jnp.full((b, 1), spec.decoder_start_token_id, jnp.int32)
+    return model.apply(mvars, batch["input_ids"], batch["attention_mask"], dec_in,
+                       deterministic=deterministic, rngs=rngs)
+
+
+def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic: bool = True,
+           rng: Optional[Array] = None) -> Array:
+    """Class logits ``[b, c]`` (classification / verbalizer) or predictions ``[b]`` (regression)."""
+    mvars, head = model_variables(variables)
+    out = _apply_model(model, spec, mvars, batch, deterministic, rng)
+    if spec.format == "verbalizer":
+        logits = out["logits"]
+        if spec.kind == "encoder_decoder":
+            pos = jnp.zeros((logits.shape[0], 1), jnp.int32)
+        else:
+            pos = batch["mask_pos"] + inserted_before(spec.methods)
+        return label_word_scores(logits, pos, jnp.asarray(spec.label_word_ids, jnp.int32),
+                                 causal=spec.kind == "decoder")
+    if spec.kind == "encoder_decoder":
+        hidden = {"hidden_states": out["encoder_hidden_states"],
+                  "attention_mask": out["encoder_attention_mask"]}
+    else:
+        hidden = out
+    pooled = pooling.pool(spec.pooling, hidden)
+    from peft_jax.peft.heads import apply_head
+    head_rng = None if deterministic or rng is None else jax.random.fold_in(rng, 1)
+    y = apply_head(spec.head_kind, head, pooled, deterministic, head_rng)
+    return y[:, 0] if spec.format == "regression" else y
+
+
+def label_word_scores(logits: Array, pos: Array, label_word_ids: Array, causal: bool) -> Array:
+    """Class log-scores ``[b, C]`` from LM logits ``[b, l, V]`` at answer positions ``pos [b, T]``.
+
+    ``label_word_ids [C, W, T]`` (-1 = padding). A word's score is the sum of its tokens'
+    log-probabilities at the T positions (independent masks for MLMs; for causal LMs only
+    the first token is scored, since later tokens need the answer teacher-forced: the
+    few-shot module scores multi-token words that way). A class's words are combined by
+    log-mean-exp.
+    """
+    if causal:
+        label_word_ids = label_word_ids[..., :1]
+        pos = pos[:, :1]
+    t = label_word_ids.shape[-1]
+    logp = jax.nn.log_softmax(
+        jnp.take_along_axis(logits, pos[:, :t, None], axis=1).astype(jnp.float32), axis=-1)
+    ids = jnp.maximum(label_word_ids, 0)                            # [C, W, T]
+    tok = logp[:, jnp.arange(t)[None, None, :], ids]                # [b, C, W, T]
+    tok = jnp.where(label_word_ids[None] >= 0, tok, 0.0)
+    word = jnp.sum(tok, axis=-1)                                    # [b, C, W]
+    real = jnp.any(label_word_ids >= 0, axis=-1)[None]              # [1, C, W]
+    word = jnp.where(real, word, -jnp.inf)
+    n = jnp.sum(real, axis=-1).astype(jnp.float32)
+    return jax.nn.logsumexp(word, axis=-1) - jnp.log(n)
+
+
+def make_loss_fn(model, spec: FormatSpec) -> Callable:
+    """``loss_fn(variables, batch, rng, deterministic) -> (loss, metrics)`` for train/step.py."""
+
+    def loss_fn(variables, batch, rng, deterministic):
+        y = scores(model, spec, variables, batch, deterministic, rng)
+        w = batch.get("example_mask")
+        if spec.format == "regression":
+            return losses.regression_loss(y, batch["label"], w), {}
+        loss = losses.classification_loss(y, batch["label"], w)
+        hit = (jnp.argmax(y, -1) == batch["label"]).astype(jnp.float32)
+        acc = jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1) if w is not None else jnp.mean(hit)
+        return loss, {"train_accuracy": acc}
+
+    return loss_fn
+
+
+def make_predict_fn(model, spec: FormatSpec) -> Callable:
+    """``predict(variables, batch) -> [b, c]`` scores or ``[b]`` regression values."""
+
+    def predict(variables, batch):
+        return scores(model, spec, variables, batch, True, None)
+
+    return predict
