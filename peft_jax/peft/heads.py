@@ -1,0 +1,93 @@
+"""Task heads, stored in the delta under ``head`` and applied to pooled states.
+
+Pure functions over a small params dict (no Flax module, no slot)::
+
+    delta["head"] = init_head("classification", d_model=384, num_labels=2, rng=key)
+    logits = apply_head("classification", delta["head"], pooled, deterministic=False, rng=key)
+
+Kinds
+- ``classification``: ``[dropout -> dense(d, d) -> tanh] -> dropout -> dense(d, num_labels)``;
+  the bracketed part (RoBERTa's ``RobertaClassificationHead``) only with ``hidden=True``
+  (params then hold ``dense``); the output layer is ``out_proj``.
+- ``regression``: like classification with ``num_labels = 1``.
+- ``projection``: SimCSE's MLP ``tanh(dense(d, num_labels or d))`` (``dense`` only).
+
+Kernels are ``[in, out]``, initialized N(0, 0.02) as in Hugging Face; biases are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = Any
+KINDS = ("classification", "regression", "projection")
+
+
+def _dense(rng: Array, n_in: int, n_out: int, std: float, dtype) -> dict:
+    return {"kernel": (std * jax.random.normal(rng, (n_in, n_out))).astype(dtype),
+            "bias": jnp.zeros((n_out,), dtype)}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"head kind={kind!r}; allowed: {list(KINDS)}")
+
+
+def init_head(kind: str, d_model: int, num_labels: Optional[int], rng: Array, *,
+              hidden: bool = False, init_std: float = 0.02, dtype=jnp.float32) -> dict:
+    """Parameters of a head reading ``[b, d_model]`` pooled states.
+
+    ``num_labels``: classes (classification), ignored/1 (regression), output size
+    (projection; None = d_model). ``hidden``: add RoBERTa's dense+tanh layer.
+    """
+    _check_kind(kind)
+    k1, k2 = jax.random.split(rng)
+    if kind == "projection":
+        return {"dense": _dense(k1, d_model, num_labels or d_model, init_std, dtype)}
+    if kind == "regression":
+        if num_labels not in (None, 1):
+            raise ValueError(f"regression head: num_labels={num_labels}; a regression head has 1 output")
+        num_labels = 1
+    if not num_labels or num_labels < 1:
+        raise ValueError(f"classification head: num_labels={num_labels} must be >= 1")
+    params = {"out_proj": _dense(k2, d_model, num_labels, init_std, dtype)}
+    if hidden:
+        params["dense"] = _dense(k1, d_model, d_model, init_std, dtype)
+    return params
+
+
+def _dropout(x: Array, rate: float, deterministic: bool, rng: Optional[Array]) -> Array:
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("apply_head: deterministic=False with dropout needs an rng")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _apply_dense(p: dict, x: Array) -> Array:
+    return jnp.dot(x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+
+
+def apply_head(kind: str, params: dict, pooled: Array, deterministic: bool = True,
+               rng: Optional[Array] = None, dropout_rate: float = 0.1) -> Array:
+    """``pooled [b, d]`` -> ``[b, num_labels]`` (regression: ``[b, 1]``; projection:
+    ``[b, out]``). Dropout (classification/regression only) needs ``rng`` when not
+    deterministic."""
+    _check_kind(kind)
+    if pooled.ndim != 2:
+        raise ValueError(f"apply_head: pooled must be [batch, d_model], got shape {pooled.shape}")
+    if kind == "projection":
+        return jnp.tanh(_apply_dense(params["dense"], pooled))
+    r1 = r2 = None
+    if rng is not None:
+        r1, r2 = jax.random.split(rng)
+    x = pooled
+    if "dense" in params:
+        x = _dropout(x, dropout_rate, deterministic, r1)
+        x = jnp.tanh(_apply_dense(params["dense"], x))
+    x = _dropout(x, dropout_rate, deterministic, r2)
+    return _apply_dense(params["out_proj"], x)
