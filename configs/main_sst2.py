@@ -7,9 +7,10 @@ evaluates the untrained (zero-shot) and trained delta on the 872 SST-2 validatio
 
 Run:   bash launch/main.sh       (or: peft-jax train --config configs/main_sst2.py)
 Other models/methods: --config.peft.methods=prompt --config.peft.prompt.length=20
-Where ../shared/data is absent: PEFT_JAX_DATA=/path/to/data, or a file of your own with
---config.task.name=file --config.task.file.path=my.tsv --config.task.file.label_names=neg,pos
---config.task.template="{text} It was {mask}." --config.task.label_words=terrible,great
+Where ../shared/data is absent: PEFT_JAX_DATA=/path/to/data, or files of your own with
+--config.task.name=file --config.task.file.train=train.tsv --config.task.file.test=dev.tsv
+--config.task.file.label_names=negative,positive --config.task.template="{text} It was {mask}."
+--config.task.label_words=terrible,great --config.task.train_split=train
 """
 
 from peft_jax.defaults import base_config

@@ -40,8 +40,24 @@ def cmd_train(argv: Sequence[str]) -> int:
         with cfg.unlocked():
             cfg.workdir = args.workdir
     from peft_jax.experiment import run_experiment
-    result = run_experiment(cfg)
+    result = run_experiment(cfg, on_step=_fault_injection())
     return 0 if result.get("status") in ("finished", "preempted") else 1
+
+
+def _fault_injection():
+    """Test hook: ``PEFT_JAX_FAULT=kill@N`` (SIGKILL) or ``sigterm@N`` after step N."""
+    spec = os.environ.get("PEFT_JAX_FAULT")
+    if not spec:
+        return None
+    import signal
+    kind, _, at = spec.partition("@")
+    sig = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM}[kind]
+
+    def hook(step: int) -> None:
+        if step == int(at):
+            os.kill(os.getpid(), sig)
+
+    return hook
 
 
 def cmd_eval(argv: Sequence[str]) -> int:

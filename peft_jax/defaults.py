@@ -40,11 +40,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.template = ""               # verbalizer format: "" = the task's default template
     c.task.label_words = ""            # "great,terrible" (one per class, in label order); "" = default
     c.task.file = ml_collections.ConfigDict()   # a user's dataset (task.name = "file")
-    c.task.file.path = ""
-    c.task.file.format = "tsv"
+    c.task.file.train = ""             # paths per split (.tsv / .csv / .jsonl)
+    c.task.file.dev = ""
+    c.task.file.test = ""
+    c.task.file.format = ""            # "" = from the extension
+    c.task.file.header = False
+    c.task.file.columns = "text,label"  # headerless tsv/csv column names
     c.task.file.text_fields = "text"
     c.task.file.label_field = "label"
-    c.task.file.label_names = ""
+    c.task.file.label_names = ""       # "negative,positive"; "" = regression scores
+    c.task.file.template = ""
+    c.task.file.label_words = ""
 
     c.peft = ml_collections.ConfigDict()
     c.peft.methods = "lora"            # comma list of METHODS, e.g. "prompt,lora" or "full"
@@ -117,5 +123,24 @@ def validate(cfg) -> None:
                           f"config.train.grad_accum={cfg.train.grad_accum}")
     if cfg.train.steps <= 0:
         raise ConfigError(f"config.train.steps={cfg.train.steps} must be positive")
-    if cfg.task.name == "file" and not cfg.task.file.path:
-        raise ConfigError("config.task.name='file' needs config.task.file.path")
+    if cfg.task.name == "file" and not (cfg.task.file.train or cfg.task.file.dev or cfg.task.file.test):
+        raise ConfigError("config.task.name='file' needs config.task.file.train/dev/test paths")
+
+
+def file_task_config(cfg) -> dict:
+    """``config.task.file`` -> the dict ``peft_jax.data.task_from_config`` takes."""
+    f = cfg.task.file
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+    out = {"name": "file", "files": {k: getattr(f, k) for k in ("train", "dev", "test") if getattr(f, k)},
+           "header": bool(f.header), "text_fields": split(f.text_fields), "label_field": f.label_field}
+    if f.format:
+        out["format"] = f.format
+    if not f.header:
+        out["columns"] = split(f.columns)
+    if f.label_names:
+        out["label_names"] = split(f.label_names)
+    if f.template:
+        out["template"] = f.template
+    if f.label_words:
+        out["verbalizer"] = [w.split("|") for w in split(f.label_words)]
+    return out

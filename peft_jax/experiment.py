@@ -105,7 +105,7 @@ def build_experiment(cfg, pretrained: Any = None) -> Experiment:
     from peft_jax.models.slots import Slots
     from peft_jax.peft.delta_io import base_fingerprint
 
-    task = (D.task_from_config(cfg.task.file.to_dict()) if cfg.task.name == "file"
+    task = (D.task_from_config(defaults.file_task_config(cfg)) if cfg.task.name == "file"
             else D.get_task(cfg.task.name))
     pre = pretrained or load_pretrained(cfg.model.name)
     methods = build_methods(cfg)

@@ -240,6 +240,10 @@ class Attention(nn.Module):
         n_prefix = 0
         if self.slots:
             ks, vs, n_prefix = self.slots.attention_kv(self, ks, vs, deterministic)
+        if position_bias is not None and position_bias.shape[-1] > ks.shape[1]:
+            # Bias computed for more keys than this layer has (T5: for a static prefix
+            # length this layer did not receive): the keys present are the last ones.
+            position_bias = position_bias[..., position_bias.shape[-1] - ks.shape[1]:]
         if n_prefix:
             pad = [(0, 0)] * 3 + [(n_prefix, 0)]
             if bias is not None:

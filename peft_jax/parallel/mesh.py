@@ -46,7 +46,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
     """A mesh with Auto axis types (jax.make_mesh defaults to Explicit now).
 
     ``shape``: sizes per axis (a dict by name or a sequence in ``axis_names`` order); one
-    entry may be -1 (takes the remaining devices).
+    entry may be -1 (takes the remaining devices). Without -1 the mesh may use fewer
+    devices than exist (the first ones).
     """
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(axis_names)
@@ -66,9 +67,10 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
         if n % rest:
             raise ValueError(f"mesh: {n} devices do not divide into {sizes}")
         sizes[sizes.index(-1)] = n // rest
-    if int(np.prod(sizes)) != n:
-        raise ValueError(f"mesh: shape {dict(zip(axis_names, sizes))} needs {int(np.prod(sizes))} "
-                         f"devices, have {n}")
+    need = int(np.prod(sizes))
+    if need > n:
+        raise ValueError(f"mesh: shape {dict(zip(axis_names, sizes))} needs {need} devices, have {n}")
+    devices = devices[:need]  # a smaller mesh (e.g. 1 device for a reference run) is allowed
     return jax.make_mesh(tuple(sizes), tuple(axis_names),
                          axis_types=(AxisType.Auto,) * len(axis_names), devices=devices)
 

@@ -94,9 +94,12 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True)
 
+    saved = [None]
+
     def save(step: int, force: bool = False):
-        if checkpointer is not None:
+        if checkpointer is not None and saved[0] != step:
             checkpointer.save(step, state, meta_fn(step) if meta_fn else {"step": step}, force=force)
+            saved[0] = step
 
     status = "finished"
     steps_run = 0

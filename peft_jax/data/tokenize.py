@@ -1,0 +1,468 @@
+"""Tokenization for the model families, tokenizer-agnostic.
+
+The tokenizer is any transformers tokenizer object. Its special-token layout (``[CLS] a [SEP]
+b [SEP]`` for BERT, ``<s> a </s></s> b </s>`` for RoBERTa, ``a </s>`` for T5, ``<s> a`` for
+Llama, nothing for SmolLM2) is read off the tokenizer itself by ``special_layout`` instead of
+being hard-coded per family; the *family* decides what a prompt's answer slot becomes:
+
+- ``mlm`` (BERT/RoBERTa encoders): ``T`` mask tokens, ``T`` = the longest label word in tokens;
+- ``causal`` (decoder-only): the prompt ends at the answer slot; ``mask_pos`` are the positions
+  whose next-token logits predict the answer tokens (optionally a chat template around it);
+- ``t5`` (text-to-text): input text and target text (``encode_text_to_text``).
+
+Encoders return an ``Encoded``: ragged token features (padded later by ``make_batches`` to a
+length bucket), per-example scalars, ragged targets (padded to a fixed target length) and
+per-task constants such as ``label_word_ids`` [classes, words, tokens] (-1 = padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from peft_jax.data.readers import DataError
+from peft_jax.data.tasks import Task
+from peft_jax.data.templates import Template, apply_mods, parse_template, verbalizer_words
+
+FAMILIES = {"mlm": "mlm", "bert": "mlm", "roberta": "mlm", "encoder": "mlm",
+            "causal": "causal", "decoder": "causal", "llama": "causal", "gpt2": "causal",
+            "t5": "t5", "seq2seq": "t5"}
+
+
+def normalize_family(family: str) -> str:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise DataError(f"unknown model family {family!r} (known: {sorted(FAMILIES)})") from None
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Tokenized examples. ``features``/``targets``: name -> list of 1-d int arrays (ragged);
+    ``scalars``: name -> [n, ...] array; ``constants``: per-task arrays; ``pad``: pad values."""
+    features: dict[str, list]
+    scalars: dict[str, np.ndarray]
+    targets: dict[str, list] = dataclasses.field(default_factory=dict)
+    constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    pad: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.features["input_ids"])
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.features["input_ids"]], np.int64)
+
+    def target_lengths(self) -> np.ndarray:
+        key = next(iter(self.targets), None)
+        return np.array([len(x) for x in self.targets[key]], np.int64) if key else np.zeros(len(self), np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Special tokens the tokenizer adds around one text (prefix, suffix) and a pair (prefix,
+    middle, suffix); ``pair_type_b``: token type id of the second text; ``strip_space``:
+    the tokenizer turns a leading space into a token of its own (SentencePiece)."""
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    pair_prefix: tuple[int, ...]
+    pair_middle: tuple[int, ...]
+    pair_suffix: tuple[int, ...]
+    pair_type_b: int
+    strip_space: bool
+
+
+def _find(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if list(seq[i:i + len(sub)]) == list(sub):
+            return i
+    return -1
+
+
+def special_layout(tokenizer) -> Layout:
+    """Read the special-token layout off ``tokenizer`` by encoding two probe words."""
+    a = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    b = tokenizer("world", add_special_tokens=False)["input_ids"]
+    one = tokenizer("hello")["input_ids"]
+    pair = tokenizer("hello", "world")
+    i = _find(one, a)
+    ia = _find(pair["input_ids"], a)
+    ib = _find(pair["input_ids"], b, ia + len(a)) if ia >= 0 else -1
+    if i < 0 or ib < 0:
+        raise DataError(f"cannot infer the special tokens of {type(tokenizer).__name__}: probe words "
+                        "not found in its encodings")
+    ids = list(pair["input_ids"])
+    types = pair.get("token_type_ids")
+    sp = tokenizer(" hello", add_special_tokens=False)["input_ids"]
+    strip = len(sp) == len(a) + 1 and list(sp[1:]) == list(a)
+    return Layout(tuple(one[:i]), tuple(one[i + len(a):]), tuple(ids[:ia]), tuple(ids[ia + len(a):ib]),
+                  tuple(ids[ib + len(b):]), int(types[ib]) if types is not None else 0, strip)
+
+
+def _batch_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return list(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+
+
+def _fit(lengths: Sequence[int], budget: int) -> list[int]:
+    """Longest-first truncation: the largest lengths ``l_i' <= l_i`` with ``sum <= budget`` that
+    shorten the longest segments first (the HF tokenizers' 'longest_first' result for pairs)."""
+    total = sum(lengths)
+    if total <= budget:
+        return list(lengths)
+    if budget < 0:
+        budget = 0
+    lo, hi = 0, max(lengths)
+    while lo < hi:  # largest cap c with sum(min(l, c)) <= budget
+        c = (lo + hi + 1) // 2
+        if sum(min(l, c) for l in lengths) <= budget:
+            lo = c
+        else:
+            hi = c - 1
+    out = [min(l, lo) for l in lengths]
+    left = budget - sum(out)
+    # The spare tokens go to the longest segments (ties: the later one), as HF tokenizers do.
+    for k in sorted(range(len(lengths)), key=lambda k: (-lengths[k], -k)):
+        if left and lengths[k] > lo:
+            out[k] += 1
+            left -= 1
+    return out
+
+
+def _cut(ids: Sequence[int], n: int, side: str) -> list[int]:
+    if n >= len(ids):
+        return list(ids)
+    return list(ids[len(ids) - n:]) if side == "left" else list(ids[:n])
+
+
+def _side(truncate_side, field: str) -> str:
+    s = truncate_side.get(field, "right") if isinstance(truncate_side, Mapping) else (truncate_side or "right")
+    if s not in ("left", "right"):
+        raise DataError(f"truncate side for field {field!r} must be 'left' or 'right', got {s!r}")
+    return s
+
+
+def _labels(examples: Sequence[Mapping], task: Optional[Task]) -> tuple[np.ndarray, np.ndarray]:
+    ys = [ex.get("label") for ex in examples]
+    has = np.array([y is not None for y in ys], np.int32)
+    regression = (task is not None and task.kind == "regression") or any(isinstance(y, float) for y in ys)
+    if regression:
+        return np.array([np.nan if y is None else float(y) for y in ys], np.float32), has
+    if any(isinstance(y, str) for y in ys):
+        return np.full(len(ys), -1, np.int32), has  # text targets: see encode_text_to_text
+    return np.array([-1 if y is None else int(y) for y in ys], np.int32), has
+
+
+def _common_scalars(examples, task) -> dict[str, np.ndarray]:
+    label, has = _labels(examples, task)
+    out = {"label": label, "has_label": has,
+           "idx": np.array([int(ex.get("idx", i)) for i, ex in enumerate(examples)], np.int64)}
+    if task is not None and task.kind == "regression" and task.label_range:
+        lo, hi = task.label_range
+        out["label_scaled"] = ((label - lo) / (hi - lo)).astype(np.float32)
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pid)
+
+
+def encode_classification(examples: Sequence[Mapping], tokenizer, max_len: int,
+                          text_fields: Optional[Sequence[str]] = None, task: Optional[Task] = None,
+                          truncate_side: Any = "right") -> Encoded:
+    """Text (pair) classification/regression input: the tokenizer's own special tokens around
+    the first field and the remaining fields joined by spaces (``[CLS] a [SEP] b [SEP]``);
+    longest-first truncation to ``max_len`` (``truncate_side``: 'right' keeps the start, 'left'
+    keeps the end; a dict gives it per field). Scalars: label, has_label, idx (label_scaled)."""
+    fields = list(text_fields or (task.text_fields if task else ()))
+    if not fields:
+        raise DataError("encode_classification: give text_fields or task")
+    lay = special_layout(tokenizer)
+    for f in fields:
+        for i, ex in enumerate(examples):
+            if not isinstance(ex.get(f), str):
+                raise DataError(f"example {i}: missing text field {f!r} (keys: {sorted(ex)})")
+    a_ids = _batch_ids(tokenizer, [ex[fields[0]] for ex in examples])
+    b_ids = (_batch_ids(tokenizer, [" ".join(ex[f] for f in fields[1:]) for ex in examples])
+             if len(fields) > 1 else None)
+    side_a = _side(truncate_side, fields[0])
+    side_b = _side(truncate_side, fields[1]) if len(fields) > 1 else "right"
+    ids_out, types_out = [], []
+    for k in range(len(examples)):
+        if b_ids is None:
+            budget = max_len - len(lay.prefix) - len(lay.suffix)
+            (na,) = _fit([len(a_ids[k])], budget)
+            ids = [*lay.prefix, *_cut(a_ids[k], na, side_a), *lay.suffix]
+            types = [0] * len(ids)
+        else:
+            budget = max_len - len(lay.pair_prefix) - len(lay.pair_middle) - len(lay.pair_suffix)
+            na, nb = _fit([len(a_ids[k]), len(b_ids[k])], budget)
+            first = [*lay.pair_prefix, *_cut(a_ids[k], na, side_a), *lay.pair_middle]
+            second = [*_cut(b_ids[k], nb, side_b), *lay.pair_suffix]
+            ids, types = first + second, [0] * len(first) + [lay.pair_type_b] * len(second)
+        if len(ids) > max_len:
+            raise DataError(f"max_len={max_len} is shorter than the special tokens alone")
+        ids_out.append(np.asarray(ids, np.int32))
+        types_out.append(np.asarray(types, np.int32))
+    return Encoded(
+        features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out],
+                  "token_type_ids": types_out},
+        scalars=_common_scalars(examples, task),
+        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
+
+
+def _label_word_ids(tokenizer, words: list[list[str]], space: bool, strip: bool) -> np.ndarray:
+    """[C, W, T] token ids of each class's label words (-1 padded)."""
+    pre = " " if space and not strip else ""
+    toks = [[list(tokenizer(pre + w, add_special_tokens=False)["input_ids"]) for w in ws] for ws in words]
+    for ws, ts in zip(words, toks):
+        for w, t in zip(ws, ts):
+            if not t:
+                raise DataError(f"label word {w!r} tokenizes to nothing")
+    T = max(len(t) for ts in toks for t in ts)
+    W = max(len(ts) for ts in toks)
+    out = np.full((len(words), W, T), -1, np.int32)
+    for c, ts in enumerate(toks):
+        for w, t in enumerate(ts):
+            out[c, w, :len(t)] = t
+    return out
+
+
+def _chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids before and after the user message in the tokenizer's chat template
+    (with the generation prompt), so that the answer follows the assistant header."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{type(tokenizer).__name__} has no chat template (chat=True)")
+    marker = "\u2063PROMPT\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, _, after = text.partition(marker)
+    return _batch_ids(tokenizer, [before])[0], _batch_ids(tokenizer, [after])[0] if after else []
+
+
+def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, tokenizer,
+                  family: str = "mlm", max_len: int = 256, task: Optional[Task] = None,
+                  truncate_side: Any = "right", demonstrations: Optional[Sequence[Sequence[Mapping]]] = None,
+                  include_answer: bool = False, chat: bool = False) -> Encoded:
+    """Prompt + verbalizer encoding (LM-BFF / PET style).
+
+    ``template``/``verbalizer`` default to the task's (None). Features: input_ids,
+    attention_mask, token_type_ids; scalars: mask_pos [n, T] (positions whose logits score
+    the T answer tokens), label, has_label, idx; constants: label_word_ids [C, W, T] (-1 pad).
+    ``mlm``: T mask tokens at the slot. ``causal``: the sequence ends at the slot (text after
+    it is dropped); ``include_answer`` appends the gold label word (scalar answer_len) for
+    teacher-forced training; ``chat`` wraps the prompt in the tokenizer's chat template.
+    ``demonstrations[i]``: examples shown with example i, rendered with their label word (after
+    the query for mlm, separated by the tokenizer's pair separator; before it for causal).
+    Fields are truncated longest-first to fit ``max_len``.
+    """
+    family = normalize_family(family)
+    if family == "t5":
+        raise DataError("encode_prompt: for T5 use encode_text_to_text(template=..., verbalizer=...)")
+    fields = task.text_fields if task else None
+    tmpl: Template = parse_template(template if template is not None else (task.template if task else None)
+                                    or _no_template(task), fields)
+    keys = task.verbalizer_keys() if task else (list(verbalizer) if isinstance(verbalizer, Mapping) else
+                                                [str(i) for i in range(len(verbalizer))])
+    words = verbalizer_words(verbalizer if verbalizer is not None else (task.verbalizer if task else None), keys)
+    lay = special_layout(tokenizer)
+    lw = _label_word_ids(tokenizer, words, tmpl.mask_space, lay.strip_space)
+    T = lw.shape[-1]
+    label, _ = _labels(examples, task)
+    is_reg = task is not None and task.kind == "regression"
+    if family == "mlm" and tokenizer.mask_token_id is None:
+        raise DataError(f"{type(tokenizer).__name__} has no mask token; family 'mlm' needs one")
+    if include_answer and family != "causal":
+        raise DataError("include_answer is for the causal family")
+    if chat and family != "causal":
+        raise DataError("chat templates are for the causal family")
+    chat_pre, chat_post = _chat_wrap(tokenizer) if chat else ([], [])
+    parts = list(tmpl.parts)
+    if family == "causal":
+        parts = parts[:tmpl.mask_index + 1]
+
+    @functools.lru_cache(maxsize=None)
+    def lit(text: str) -> tuple[int, ...]:
+        return tuple(_batch_ids(tokenizer, [text])[0])
+
+    def render_fields(ex: Mapping, where: str) -> list[str]:
+        out = []
+        for p in parts:
+            if p.kind == "field":
+                if not isinstance(ex.get(p.value), str):
+                    raise DataError(f"{where}: missing text field {p.value!r} (keys: {sorted(ex)})")
+                pre = " " if p.space and not lay.strip_space else ""
+                out.append(pre + apply_mods(ex[p.value], p.mods))
+        return out
+
+    # One batched tokenizer call for every field segment of every query and demonstration.
+    demos = demonstrations or [[] for _ in examples]
+    if len(demos) != len(examples):
+        raise DataError(f"demonstrations: {len(demos)} lists for {len(examples)} examples")
+    texts, spans = [], []
+    for i, ex in enumerate(examples):
+        seq = [ex] + list(demos[i])
+        row = []
+        for j, e in enumerate(seq):
+            t = render_fields(e, f"example {i}" + (f" demonstration {j - 1}" if j else ""))
+            row.append((len(texts), len(t)))
+            texts.extend(t)
+        spans.append(row)
+    tok = _batch_ids(tokenizer, texts)
+    mask_tok = tokenizer.mask_token_id
+    sep = list(lay.pair_middle)
+    ids_out, pos_out, alen_out = [], [], []
+    for i, ex in enumerate(examples):
+        seq = [ex] + list(demos[i])
+        field_ids = [tok[s:s + n] for s, n in spans[i]]
+        fixed = 0
+        for j, e in enumerate(seq):
+            fixed += sum(len(lit(p.value)) for p in parts if p.kind == "text")
+            if j == 0:
+                fixed += T if family == "mlm" else 0
+            else:
+                y = e.get("label")
+                if y is None:
+                    raise DataError(f"example {i} demonstration {j - 1} has no label")
+                fixed += int(np.sum(lw[_demo_class(y, task, len(words))][0] >= 0))
+        answer = []
+        if include_answer and label[i] is not None and not is_reg and int(label[i]) >= 0:
+            answer = [int(t) for t in lw[int(label[i])][0] if t >= 0]
+        if family == "mlm":
+            n_demo = len(seq) - 1
+            fixed += len(lay.pair_prefix) + len(lay.pair_suffix) + len(sep) if n_demo else \
+                len(lay.prefix) + len(lay.suffix)
+        else:
+            fixed += len(lay.prefix) + len(chat_pre) + len(chat_post) + len(answer)
+        flat = [len(x) for fi in field_ids for x in fi]
+        budget = max_len - fixed
+        if budget < len(flat):  # at least one token per field
+            raise DataError(f"example {i}: max_len={max_len} leaves {budget} tokens for {len(flat)} "
+                            "text fields after template, label words and special tokens")
+        keep = _fit(flat, budget)
+        k = 0
+        rendered = []
+        for j, e in enumerate(seq):
+            body, slot = [], -1
+            fi = iter(field_ids[j])
+            for p in parts:
+                if p.kind == "text":
+                    body += lit(p.value)
+                elif p.kind == "field":
+                    body += _cut(next(fi), keep[k], _side(truncate_side, p.value))
+                    k += 1
+                elif j == 0:
+                    slot = len(body)
+                    if family == "mlm":
+                        body += [mask_tok] * T
+                else:
+                    c = _demo_class(e["label"], task, len(words))
+                    body += [int(t) for t in lw[c][0] if t >= 0]
+            rendered.append((body, slot))
+        query, slot = rendered[0]
+        if family == "mlm":
+            if len(seq) > 1:
+                demo_ids = [t for body, _ in rendered[1:] for t in body]
+                ids = [*lay.pair_prefix, *query, *sep, *demo_ids, *lay.pair_suffix]
+                start = len(lay.pair_prefix)
+            else:
+                ids = [*lay.prefix, *query, *lay.suffix]
+                start = len(lay.prefix)
+            pos = [start + slot + t for t in range(T)]
+        else:
+            demo_ids = [t for body, _ in rendered[1:] for t in body]
+            head = [*lay.prefix, *chat_pre, *demo_ids, *query[:slot]]
+            ids = head + list(chat_post) + answer
+            p0 = len(head) + len(chat_post)
+            pos = [p0 - 1 + t for t in range(T)]
+        ids_out.append(np.asarray(ids, np.int32))
+        pos_out.append(pos)
+        alen_out.append(len(answer))
+    scalars = _common_scalars(examples, task)
+    scalars["mask_pos"] = np.asarray(pos_out, np.int32).reshape(len(examples), T)
+    if family == "causal":
+        scalars["answer_len"] = np.asarray(alen_out, np.int32)
+    return Encoded(
+        features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out],
+                  "token_type_ids": [np.zeros(len(x), np.int32) for x in ids_out]},
+        scalars=scalars, constants={"label_word_ids": lw},
+        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
+
+
+def _no_template(task):
+    raise DataError(f"task {task.name if task else '?'} has no default template; pass template=")
+
+
+def _demo_class(y, task: Optional[Task], n_classes: int) -> int:
+    """Class whose label word shows a demonstration's label (regression: low/high by midpoint)."""
+    if task is not None and task.kind == "regression":
+        lo, hi = task.label_range or (0.0, 1.0)
+        return int(float(y) >= (lo + hi) / 2)
+    c = int(y)
+    if not 0 <= c < n_classes:
+        raise DataError(f"demonstration label {y!r} is not a class index in [0, {n_classes})")
+    return c
+
+
+def t5_input_text(example: Mapping, task: Task) -> str:
+    """T5's GLUE format: ``'<prefix> <field>: <text> <field2>: <text2>'``."""
+    parts = [task.t5_prefix or task.name]
+    for f in task.text_fields:
+        parts.append(f"{f}: {example[f]}")
+    return " ".join(parts)
+
+
+def encode_text_to_text(examples: Sequence[Mapping], tokenizer, task: Task, max_len: int = 512,
+                        target_len: Optional[int] = None, template: Any = None, verbalizer: Any = None,
+                        mask_text: Optional[str] = None) -> Encoded:
+    """T5-style: input text (T5's task format, or ``template`` with {mask} rendered as
+    ``mask_text``, default the first sentinel '<extra_id_0>' when the vocabulary has one) and the
+    label as target text (the class name, the verbalizer's first word, or the score rounded to
+    0.2). Both end with the tokenizer's end token ('</s>'); inputs are truncated to
+    ``max_len``, targets to ``target_len``. Features: input_ids, attention_mask; targets:
+    targets, target_mask; scalars: label, has_label, idx."""
+    lay = special_layout(tokenizer)
+    eos = list(lay.suffix) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    prefix = list(lay.prefix)
+    words = None
+    if verbalizer is not None or (template is not None and task.verbalizer is not None):
+        words = verbalizer_words(verbalizer if verbalizer is not None else task.verbalizer,
+                                 task.verbalizer_keys())
+    if template is not None:
+        tmpl = parse_template(template, task.text_fields)
+        if mask_text is None:
+            vocab = tokenizer.get_vocab()
+            mask_text = "<extra_id_0>" if "<extra_id_0>" in vocab else ""
+        inputs = [tmpl.render(ex, mask_text) for ex in examples]
+    else:
+        inputs = [t5_input_text(ex, task) for ex in examples]
+    targets = []
+    for i, ex in enumerate(examples):
+        y = ex.get("label")
+        if y is None:
+            targets.append("")
+        elif isinstance(y, str):
+            targets.append(y)
+        elif words is not None and task.kind == "classification":
+            targets.append(words[int(y)][0])
+        else:
+            targets.append(task.label_text(y))
+    in_ids = _batch_ids(tokenizer, inputs)
+    tg_ids = _batch_ids(tokenizer, targets)
+    budget = max_len - len(prefix) - len(eos)
+    ids_out = [np.asarray(prefix + list(x[:budget]) + eos, np.int32) for x in in_ids]
+    tbudget = (target_len - len(eos)) if target_len else None
+    tg_out = [np.asarray(list(x[:tbudget] if tbudget is not None else x) + eos, np.int32) for x in tg_ids]
+    scalars = _common_scalars(examples, task)
+    return Encoded(
+        features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out]},
+        scalars=scalars,
+        targets={"targets": tg_out, "target_mask": [np.ones(len(x), np.int32) for x in tg_out]},
+        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "targets": _pad_id(tokenizer),
+             "target_mask": 0})

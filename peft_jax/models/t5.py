@@ -1,0 +1,752 @@
+"""T5 encoder-decoder: v1.0 (ReLU FFN, tied + rescaled LM head) and v1.1 / LM-adapted
+(gated-GELU FFN, untied ``lm_head``, no rescale), plus encoder-only (``T5EncoderModel``).
+
+Module tree (the base pytree mirrors it; :func:`hf_module_name` maps it to HF names)::
+
+    shared                                               (token table, used by both stacks)
+    encoder/layer_{i}/{attention_norm, attention/{query,key,value,out}, mlp_norm,
+                       mlp/{up | gate,up ; down}}
+    encoder/layer_0/relative_attention_bias              ([buckets, heads], layer 0 only)
+    encoder/final_norm
+    decoder/layer_{i}/{attention_norm, attention, cross_attention_norm, cross_attention,
+                       mlp_norm, mlp}
+    decoder/layer_0/relative_attention_bias, decoder/final_norm
+    lm_head                                              (untied checkpoints only)
+
+As in Hugging Face, the relative position bias ``[1, heads, q, k]`` is computed once per
+stack by its first layer (bidirectional buckets in the encoder, causal ones in the decoder)
+and shared by every layer; cross attention has no position bias.
+
+PEFT slots: ``input_embeddings`` on the ENCODER side only (prompt tuning as in Lester et
+al.; the encoder mask is extended with the inserts), called by :meth:`T5Model.encode` so
+that soft-prompt parameters sit at the root of the delta. ``sublayer`` with kinds
+``"attention"``, ``"cross_attention"`` and ``"ffn"`` after each sublayer's dropout, before
+the residual add. Key/value prefixes (``attention_kv``): when the methods expose a static
+``kv_prefix_length`` P, the self-attention position bias is computed for ``P + L`` keys
+with queries taking the last ``L`` positions, which is what HF T5 computes when the
+prefixes arrive as ``past_key_values`` (HF PEFT prefix tuning). An attention layer that
+receives no prefix uses the last ``L`` key columns of that bias, i.e. the ordinary bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.models import hf_io
+from peft_jax.models.generation import greedy_loop
+from peft_jax.models.hf_io import CheckpointError
+from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
+                                    make_attention_bias)
+from peft_jax.models.slots import NO_SLOTS, Slots
+
+Array = Any
+Dtype = Any
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_feed_forward_proj(value: str, field: str = "feed_forward_proj") -> tuple[str, bool]:
+    """``'relu'`` / ``'gated-gelu'`` / ``'gated-silu'`` ... -> (dense_act_fn, is_gated_act).
+
+    Exactly transformers' rule: the last ``-`` part is the activation, a leading
+    ``gated`` makes the FFN gated, and ``gated-gelu`` means ``gelu_new`` (tanh GELU).
+    """
+    parts = str(value).split("-")
+    if (len(parts) > 1 and parts[0] != "gated") or len(parts) > 2:
+        raise ValueError(f"unsupported {field}={value!r}: must be '{{ACT_FN}}' or "
+                         "'gated-{ACT_FN}', e.g. 'relu' or 'gated-gelu'")
+    act = "gelu_new" if value == "gated-gelu" else parts[-1]
+    get_activation(act, field)
+    return act, parts[0] == "gated"
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyper-parameters of a T5 model (validated on construction).
+
+    ``dense_act_fn`` / ``is_gated_act`` default (None) to what ``feed_forward_proj`` implies.
+    ``tie_word_embeddings``: LM logits from the ``shared`` table (v1.0) instead of a separate
+    ``lm_head`` (v1.1). ``scale_decoder_outputs``: multiply the decoder output by
+    ``d_model ** -0.5`` before the head (v1.0). ``encoder_only``: no decoder / head
+    (``T5EncoderModel`` checkpoints).
+    """
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    feed_forward_proj: str = "relu"
+    dense_act_fn: Optional[str] = None
+    is_gated_act: Optional[bool] = None
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool = True
+    pad_token_id: int = 0
+    eos_token_id: Optional[int] = 1
+    decoder_start_token_id: int = 0
+    encoder_only: bool = False
+
+    def __post_init__(self):
+        act, gated = parse_feed_forward_proj(self.feed_forward_proj)
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.dense_act_fn is None:
+            object.__setattr__(self, "dense_act_fn", act)
+        if self.is_gated_act is None:
+            object.__setattr__(self, "is_gated_act", gated)
+        get_activation(self.dense_act_fn, "dense_act_fn")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        if self.relative_attention_num_buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets={self.relative_attention_num_buckets} "
+                             "must be >= 4")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv
+
+    @classmethod
+    def tiny(cls, **overrides) -> "T5Config":
+        """A small random-init config for tests (v1.1: ``tiny(feed_forward_proj='gated-gelu',
+        tie_word_embeddings=False, scale_decoder_outputs=False)``)."""
+        base = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=20, dropout_rate=0.1)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config.json", **overrides) -> "T5Config":
+        """From a Hugging Face ``config.json`` dict, parsed as transformers 5.24 does.
+
+        ``dense_act_fn``/``is_gated_act``/``scale_decoder_outputs`` stored in the file win
+        over what ``feed_forward_proj``/``tie_word_embeddings`` imply. ``tie_word_embeddings``
+        here is a first guess (False for v1.1-style files); :func:`load_hf` settles it from the
+        tensors (a distinct ``lm_head.weight`` unties, as transformers does).
+        """
+        if cfg.get("model_type", "t5") != "t5":
+            raise CheckpointError(f"{source}: config field model_type={cfg.get('model_type')!r} "
+                                  "is not supported; supported: ['t5']")
+        hf_io.check_keys(cfg, {"is_decoder": (False,)}, source)
+
+        def field(name: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
+            if cfg.get(name) is None:
+                if default is dataclasses.MISSING:
+                    raise CheckpointError(f"{source}: missing config field {name!r}")
+                return default
+            value = cfg[name]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise CheckpointError(f"{source}: config field {name}={value!r} is not an integer")
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{source}: config field {name}={value!r} is not "
+                                      f"a valid {kind.__name__}") from None
+
+        ffp = field("feed_forward_proj", str, "relu")
+        try:
+            act, gated = parse_feed_forward_proj(ffp)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: config field {e}") from None
+        tie = cfg.get("tie_word_embeddings")
+        scale = cfg.get("scale_decoder_outputs", tie is not False)
+        eos = cfg.get("eos_token_id", 1)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        archs = cfg.get("architectures") or []
+        kwargs = dict(
+            vocab_size=field("vocab_size", int, 32128),
+            d_model=field("d_model", int, 512),
+            d_kv=field("d_kv", int, 64),
+            d_ff=field("d_ff", int, 2048),
+            num_layers=field("num_layers", int, 6),
+            num_decoder_layers=field("num_decoder_layers", int, None),
+            num_heads=field("num_heads", int, 8),
+            relative_attention_num_buckets=field("relative_attention_num_buckets", int, 32),
+            relative_attention_max_distance=field("relative_attention_max_distance", int, 128),
+            dropout_rate=field("dropout_rate", float, 0.1),
+            layer_norm_epsilon=field("layer_norm_epsilon", float, 1e-6),
+            initializer_factor=field("initializer_factor", float, 1.0),
+            feed_forward_proj=ffp,
+            dense_act_fn=field("dense_act_fn", str, act),
+            is_gated_act=bool(cfg.get("is_gated_act", gated)),
+            tie_word_embeddings=bool(scale) if tie is None or tie is True else False,
+            scale_decoder_outputs=bool(scale),
+            pad_token_id=field("pad_token_id", int, 0),
+            eos_token_id=eos,
+            decoder_start_token_id=field("decoder_start_token_id", int, field("pad_token_id", int, 0)),
+            encoder_only=list(archs) == ["T5EncoderModel"],
+        )
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: config field {e}") from None
+
+    def to_hf(self) -> dict:
+        """A ``config.json`` dict that transformers loads as ``T5Config`` (4.x and 5.x)."""
+        return {
+            "architectures": ["T5EncoderModel" if self.encoder_only else "T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "dropout_rate": self.dropout_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "initializer_factor": self.initializer_factor,
+            "feed_forward_proj": self.feed_forward_proj,
+            "dense_act_fn": self.dense_act_fn,
+            "is_gated_act": self.is_gated_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.scale_decoder_outputs,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "is_encoder_decoder": not self.encoder_only,
+            "is_decoder": False,
+            "use_cache": True,
+        }
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of ``key_pos - query_pos`` (int array, any shape) into ``[0, num_buckets)``.
+
+    Half the buckets are exact small distances, the rest logarithmic up to ``max_distance``;
+    ``bidirectional`` splits them between keys before and after the query, otherwise only
+    keys at or before the query are distinguished.
+    """
+    rel = relative_position.astype(jnp.int32)
+    buckets = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(rel)
+    else:
+        n = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    nf = jnp.maximum(n, 1).astype(jnp.float32)  # log(0) is never selected; keep it finite
+    large = max_exact + (jnp.log(nf / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, n, large)
+
+
+def kv_prefix_length(slots: Slots) -> int:
+    """Static number of key/value prefix entries the slots' methods prepend (prefix tuning)."""
+    return int(sum(getattr(m, "kv_prefix_length", 0) for m in slots.methods))
+
+
+class RelativePositionBias(nn.Module):
+    """Learned ``[buckets, heads]`` table -> additive bias ``[1, heads, q, k]``."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: Dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(1.0)
+
+    @nn.compact
+    def __call__(self, q_len: int, k_len: int, query_offset: Any = 0) -> Array:
+        """Query ``i`` sits at position ``query_offset + i``, key ``j`` at ``j``."""
+        table = self.param("embedding", nn.with_logical_partitioning(
+            self.embedding_init, ("relpos_buckets", "heads")),
+            (self.num_buckets, self.num_heads), jnp.float32)
+        qpos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + query_offset
+        kpos = jnp.arange(k_len, dtype=jnp.int32)[None, :]
+        buckets = relative_position_bucket(kpos - qpos, self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+        values = jnp.take(jnp.asarray(table, self.dtype), buckets, axis=0)  # [q, k, h]
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+
+class T5Layer(nn.Module):
+    """Pre-RMSNorm block: self attention, (decoder) cross attention, FFN; ``[b, l, d]``.
+
+    The first layer (``has_relative_bias``) computes the stack's position bias and returns
+    it; later layers receive it.
+    """
+
+    config: T5Config
+    is_decoder: bool
+    has_relative_bias: bool = False
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Optional[Array], position_bias: Optional[Array],
+                 key_len: int, query_offset: Any = 0, encoder_states: Optional[Array] = None,
+                 encoder_bias: Optional[Array] = None, decode: bool = False,
+                 deterministic: bool = True) -> tuple[Array, Array]:
+        c = self.config
+        f = c.initializer_factor
+        inner = c.num_heads * c.d_kv
+        norm = lambda name: LayerNorm(eps=c.layer_norm_epsilon, rms=True, use_bias=False,
+                                      dtype=self.dtype, name=name)
+        drop = nn.Dropout(c.dropout_rate)
+
+        def attention(name):
+            return Attention(num_heads=c.num_heads, head_dim=c.d_kv, qkv_bias=False, out_bias=False,
+                             scale=1.0, dropout_rate=c.dropout_rate, dtype=self.dtype,
+                             kernel_init=nn.initializers.normal(f * c.d_model ** -0.5),
+                             slots=self.slots, name=name)
+
+        if self.has_relative_bias:
+            prefix = kv_prefix_length(self.slots)
+            position_bias = RelativePositionBias(
+                c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
+                bidirectional=not self.is_decoder, dtype=self.dtype,
+                embedding_init=nn.initializers.normal(f * c.d_model ** -0.5),
+                name="relative_attention_bias")(x.shape[1], key_len + prefix, query_offset + prefix)
+
+        a = attention("attention")(norm("attention_norm")(x), bias=bias, position_bias=position_bias,
+                                   decode=decode, deterministic=deterministic)
+        a = drop(a, deterministic=deterministic)
+        x = x + self.slots.sublayer(self, "attention", a, deterministic)
+
+        if self.is_decoder:
+            a = attention("cross_attention")(norm("cross_attention_norm")(x), kv_input=encoder_states,
+                                             bias=encoder_bias, deterministic=deterministic)
+            a = drop(a, deterministic=deterministic)
+            x = x + self.slots.sublayer(self, "cross_attention", a, deterministic)
+
+        h = Mlp(d_ff=c.d_ff, activation=c.dense_act_fn, gated=c.is_gated_act, use_bias=False,
+                dropout_rate=c.dropout_rate, dtype=self.dtype,
+                kernel_init=nn.initializers.normal(f * c.d_model ** -0.5), slots=self.slots,
+                name="mlp")(norm("mlp_norm")(x), deterministic)
+        h = drop(h, deterministic=deterministic)
+        x = x + self.slots.sublayer(self, "ffn", h, deterministic)
+        return x, position_bias
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder stack: dropout, ``layer_{i}``, ``final_norm``, dropout.
+
+    Returns (final states ``[b, l, d]``, tuple of every layer's output).
+    """
+
+    config: T5Config
+    is_decoder: bool
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, encoder_states: Optional[Array] = None,
+                 encoder_mask: Optional[Array] = None, decode: bool = False,
+                 deterministic: bool = True) -> tuple[Array, tuple]:
+        """x ``[b, l, d]``; mask ``[b, l]`` (1 = real); encoder_* for the decoder."""
+        c = self.config
+        q_len = x.shape[1]
+        offset: Any = 0
+        key_mask = mask
+        if self.is_decoder:
+            if decode:
+                key_mask, offset = self._decode_bookkeeping(mask)
+            bias = make_attention_bias(key_mask, q_len, causal=True, query_offset=offset)
+            encoder_bias = make_attention_bias(encoder_mask, q_len)
+        else:
+            bias, encoder_bias = make_attention_bias(mask, q_len), None
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        n_layers = c.num_decoder_layers if self.is_decoder else c.num_layers
+        position_bias, outs = None, []
+        for i in range(n_layers):
+            x, position_bias = T5Layer(c, self.is_decoder, i == 0, self.dtype, self.slots,
+                                       name=f"layer_{i}")(
+                x, bias, position_bias, key_mask.shape[1], offset, encoder_states, encoder_bias,
+                decode, deterministic)
+            outs.append(x)
+        h = LayerNorm(eps=c.layer_norm_epsilon, rms=True, use_bias=False, dtype=self.dtype,
+                      name="final_norm")(x)
+        return nn.Dropout(c.dropout_rate)(h, deterministic=deterministic), tuple(outs)
+
+    def _decode_bookkeeping(self, mask: Array) -> tuple[Array, Any]:
+        """KV-cache mode: (key mask ``[b, max_len]`` so far, index of this chunk's first query).
+
+        The first call (cache initialization, on a ``[b, max_len]`` dummy) only sizes the
+        cache and behaves like a plain causal forward.
+        """
+        initialized = self.has_variable("cache", "key_mask")
+        key_mask = self.variable("cache", "key_mask", jnp.zeros, mask.shape, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        m = mask.astype(jnp.int32)
+        if not initialized:
+            return m, 0
+        i = index.value
+        key_mask.value = jax.lax.dynamic_update_slice(key_mask.value, m, (0, i))
+        index.value = i + m.shape[1]
+        return key_mask.value, i
+
+
+class T5Model(nn.Module):
+    """T5 as a pure function of ``{"params": base, "peft": delta}``.
+
+    ``__call__`` (teacher forcing) = :meth:`encode` + :meth:`decode`; an ``encoder_only``
+    config makes ``__call__`` = :meth:`encode`.
+    """
+
+    config: T5Config
+    slots: Slots = NO_SLOTS
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.shared = Embed(c.vocab_size, c.d_model, axes=("vocab", "embed"), dtype=self.dtype,
+                            embedding_init=nn.initializers.normal(c.initializer_factor))
+        self.encoder = T5Stack(c, False, self.dtype, self.slots)
+        if not c.encoder_only:
+            self.decoder = T5Stack(c, True, self.dtype, self.slots)
+            if not c.tie_word_embeddings:
+                self.lm_head = Dense(c.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                                     dtype=self.dtype,
+                                     kernel_init=nn.initializers.normal(c.initializer_factor),
+                                     slots=self.slots)
+
+    @nn.compact
+    def encode(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               deterministic: bool = True, output_hidden_states: bool = False) -> dict[str, Any]:
+        """input_ids, attention_mask (1 = real): ``[b, l]``.
+
+        Returns ``hidden_states [b, l', d]`` and ``attention_mask [b, l']`` (l' includes
+        soft-prompt inserts), plus ``all_hidden_states`` when asked.
+        """
+        attention_mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                          else jnp.asarray(attention_mask, jnp.int32))
+        x = self.shared(input_ids)
+        x, mask, _ = self.slots.input_embeddings(self, x, attention_mask, deterministic)
+        h, layers = self.encoder(x, mask, deterministic=deterministic)
+        out: dict[str, Any] = {"hidden_states": h, "attention_mask": mask}
+        if output_hidden_states:
+            out["all_hidden_states"] = (x,) + layers
+        return out
+
+    def decode(self, decoder_input_ids: Array, encoder_hidden_states: Array,
+               encoder_mask: Optional[Array] = None, decoder_attention_mask: Optional[Array] = None,
+               decode: bool = False, deterministic: bool = True,
+               output_hidden_states: bool = False) -> dict[str, Any]:
+        """decoder_input_ids ``[b, t]``; encoder_hidden_states ``[b, l, d]``, encoder_mask ``[b, l]``.
+
+        ``decode=True``: KV-cache step (``mutable=["cache"]``; initialize the cache by one call
+        on a ``[b, max_len]`` dummy). Returns ``hidden_states [b, t, d]``, ``attention_mask
+        [b, t]`` and ``logits [b, t, vocab]``.
+        """
+        c = self.config
+        if c.encoder_only:
+            raise ValueError("this T5 config is encoder_only (T5EncoderModel): it has no decoder")
+        decoder_attention_mask = (jnp.ones(decoder_input_ids.shape, jnp.int32)
+                                  if decoder_attention_mask is None
+                                  else jnp.asarray(decoder_attention_mask, jnp.int32))
+        encoder_mask = (jnp.ones(encoder_hidden_states.shape[:2], jnp.int32) if encoder_mask is None
+                        else jnp.asarray(encoder_mask, jnp.int32))
+        x = self.shared(decoder_input_ids)
+        h, layers = self.decoder(x, decoder_attention_mask, encoder_hidden_states, encoder_mask,
+                                 decode=decode, deterministic=deterministic)
+        out: dict[str, Any] = {"hidden_states": h, "attention_mask": decoder_attention_mask,
+                               "logits": self.lm_logits(h, deterministic)}
+        if output_hidden_states:
+            out["all_hidden_states"] = (x,) + layers
+        return out
+
+    def lm_logits(self, h: Array, deterministic: bool = True) -> Array:
+        """Decoder output ``[b, t, d]`` -> ``[b, t, vocab]`` (v1.0: ``d_model**-0.5`` rescale
+        and the tied table; v1.1: ``lm_head``)."""
+        c = self.config
+        if c.scale_decoder_outputs:
+            h = h * (c.d_model ** -0.5)
+        if c.tie_word_embeddings:
+            return self.shared.attend(h)
+        return self.lm_head(h, deterministic)
+
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 decoder_input_ids: Optional[Array] = None,
+                 decoder_attention_mask: Optional[Array] = None, deterministic: bool = True,
+                 output_hidden_states: bool = False) -> dict[str, Any]:
+        """Teacher forcing: ``[b, l]`` inputs, ``[b, t]`` decoder inputs -> ``logits [b, t, vocab]``.
+
+        Also returns the decoder ``hidden_states [b, t, d]`` and ``attention_mask [b, t]``,
+        ``encoder_hidden_states [b, l', d]`` and ``encoder_attention_mask [b, l']``.
+        """
+        enc = self.encode(input_ids, attention_mask, deterministic, output_hidden_states)
+        if self.config.encoder_only:
+            return enc
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids is required (use shift_right(labels, ...))")
+        out = self.decode(decoder_input_ids, enc["hidden_states"], enc["attention_mask"],
+                          decoder_attention_mask, deterministic=deterministic,
+                          output_hidden_states=output_hidden_states)
+        out["encoder_hidden_states"] = enc["hidden_states"]
+        out["encoder_attention_mask"] = enc["attention_mask"]
+        if output_hidden_states:
+            out["encoder_all_hidden_states"] = enc["all_hidden_states"]
+        return out
+
+
+def shift_right(labels: Array, decoder_start_token_id: int, pad_id: int) -> Array:
+    """Decoder inputs from labels ``[b, t]``: start token, then ``labels[:, :-1]``; -100 -> pad."""
+    labels = jnp.asarray(labels)
+    start = jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype)
+    shifted = jnp.concatenate([start, labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_id, shifted)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def init_decoder_cache(model: T5Model, variables: Mapping[str, Any], encoder_states: Array,
+                       encoder_mask: Array, max_len: int) -> Any:
+    """Zero decoder KV cache for ``max_len`` decoder tokens (shapes traced, no compute)."""
+    dummy = jnp.zeros((encoder_states.shape[0], max_len), jnp.int32)
+
+    def run():
+        _, mut = model.apply(dict(variables), dummy, encoder_states, encoder_mask, decode=True,
+                             method="decode", mutable=["cache"])
+        return mut["cache"]
+
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+
+
+def greedy_generate(model: T5Model, variables: Mapping[str, Any], input_ids: Array,
+                    attention_mask: Optional[Array] = None, max_new_tokens: int = 20,
+                    decoder_start_token_id: Optional[int] = None,
+                    eos_token_id: Optional[int] = -1, pad_token_id: Optional[int] = None) -> Array:
+    """Greedy seq2seq decoding with a decoder self-attention KV cache (cross-attention keys
+    and values are recomputed from the encoder states at each step), using
+    :func:`peft_jax.models.generation.greedy_loop`.
+
+    input_ids, attention_mask ``[b, l]`` (any padding) -> ``[b, 1 + max_new_tokens]``: the
+    decoder start token, then the generated tokens; rows that emitted ``eos`` continue with
+    ``pad``. This is transformers' ``generate(do_sample=False, num_beams=1)`` output padded
+    to full length. ``eos_token_id=-1`` means the config's; ``None`` disables stopping.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    c = model.config
+    start = c.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+    eos = c.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad = c.pad_token_id if pad_token_id is None else pad_token_id
+    variables = {k: v for k, v in dict(variables).items() if k != "cache"}
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = (jnp.ones_like(input_ids) if attention_mask is None
+            else jnp.asarray(attention_mask, jnp.int32))
+    return _generate(model, int(max_new_tokens), int(start), eos, int(pad), variables,
+                     input_ids, mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate(model, max_new_tokens, start, eos, pad, variables, input_ids, mask):
+    enc = model.apply(variables, input_ids, mask, method="encode")
+    states, enc_mask = enc["hidden_states"], enc["attention_mask"]
+    b = input_ids.shape[0]
+    cache = init_decoder_cache(model, variables, states, enc_mask, max_new_tokens)
+
+    def step(cache, token, _):
+        out, mut = model.apply({**variables, "cache": cache}, token[:, None], states, enc_mask,
+                               decode=True, method="decode", mutable=["cache"])
+        return out["logits"][:, -1], mut["cache"]
+
+    first = jnp.full((b,), start, jnp.int32)
+    first_logits, cache = step(cache, first, 0)
+    tokens = greedy_loop(step, cache, first_logits, max_new_tokens, eos, pad)
+    return jnp.concatenate([first[:, None], tokens], axis=1)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+_ATTN = {"query": "q", "key": "k", "value": "v", "out": "o"}
+
+
+def _hf_layout(config: T5Config) -> list[tuple[tuple[str, ...], str, str, tuple[int, ...]]]:
+    """Every base leaf: (path in the base pytree, HF tensor name, kind, our shape).
+
+    kind: "linear" (kernel = weight.T), "vector" or "table" (as is).
+    """
+    c = config
+    d, inner = c.d_model, c.num_heads * c.d_kv
+    out: list = [(("shared", "embedding"), "shared.weight", "table", (c.vocab_size, d))]
+
+    def stack(name: str, n_layers: int, is_decoder: bool):
+        for i in range(n_layers):
+            p, hf = (name, f"layer_{i}"), f"{name}.block.{i}.layer"
+            for ours, theirs in _ATTN.items():
+                shape = (inner, d) if ours == "out" else (d, inner)
+                out.append((p + ("attention", ours, "kernel"), f"{hf}.0.SelfAttention.{theirs}.weight",
+                            "linear", shape))
+            if i == 0:
+                out.append((p + ("relative_attention_bias", "embedding"),
+                            f"{hf}.0.SelfAttention.relative_attention_bias.weight", "table",
+                            (c.relative_attention_num_buckets, c.num_heads)))
+            out.append((p + ("attention_norm", "scale"), f"{hf}.0.layer_norm.weight", "vector", (d,)))
+            ff = 1
+            if is_decoder:
+                for ours, theirs in _ATTN.items():
+                    shape = (inner, d) if ours == "out" else (d, inner)
+                    out.append((p + ("cross_attention", ours, "kernel"),
+                                f"{hf}.1.EncDecAttention.{theirs}.weight", "linear", shape))
+                out.append((p + ("cross_attention_norm", "scale"), f"{hf}.1.layer_norm.weight",
+                            "vector", (d,)))
+                ff = 2
+            mlp = (("gate", "wi_0"), ("up", "wi_1")) if c.is_gated_act else (("up", "wi"),)
+            for ours, theirs in mlp:
+                out.append((p + ("mlp", ours, "kernel"), f"{hf}.{ff}.DenseReluDense.{theirs}.weight",
+                            "linear", (d, c.d_ff)))
+            out.append((p + ("mlp", "down", "kernel"), f"{hf}.{ff}.DenseReluDense.wo.weight",
+                        "linear", (c.d_ff, d)))
+            out.append((p + ("mlp_norm", "scale"), f"{hf}.{ff}.layer_norm.weight", "vector", (d,)))
+        out.append(((name, "final_norm", "scale"), f"{name}.final_layer_norm.weight", "vector", (d,)))
+
+    stack("encoder", c.num_layers, False)
+    if not c.encoder_only:
+        stack("decoder", c.num_decoder_layers, True)
+        if not c.tie_word_embeddings:
+            out.append((("lm_head", "kernel"), "lm_head.weight", "linear", (d, c.vocab_size)))
+    return out
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            raise KeyError("/".join(path))
+        tree = tree[k]
+    return tree
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: T5Config,
+                   source: str = "checkpoint") -> dict:
+    """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
+
+    ``shared.weight`` may also be spelled ``encoder.embed_tokens.weight`` (old exports).
+    A missing tensor or one of the wrong shape raises :class:`CheckpointError` naming it.
+    """
+    base: dict = {}
+    for path, hf, kind, shape in _hf_layout(config):
+        name = hf
+        if hf == "shared.weight" and hf not in tensors and "encoder.embed_tokens.weight" in tensors:
+            name = "encoder.embed_tokens.weight"
+        hf_shape = shape[::-1] if kind == "linear" else shape
+        arr = np.asarray(hf_io.take(tensors, name, hf_shape, source), np.float32)
+        _set(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
+    return base
+
+
+def params_to_hf(base: Mapping, config: T5Config) -> dict[str, np.ndarray]:
+    """Base pytree -> flat HF tensors named as ``T5ForConditionalGeneration`` /
+    ``T5EncoderModel`` (``encoder_only``)."""
+    base = nn.meta.unbox(base)
+    out: dict[str, np.ndarray] = {}
+    for path, hf, kind, shape in _hf_layout(config):
+        try:
+            arr = np.asarray(_get(base, path), np.float32)
+        except KeyError:
+            raise CheckpointError(f"base params: missing leaf {'/'.join(path)!r}") from None
+        if arr.shape != tuple(shape):
+            raise CheckpointError(f"base params: leaf {'/'.join(path)!r} has shape {arr.shape}, "
+                                  f"config implies {tuple(shape)}")
+        out[hf] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
+    return out
+
+
+def load_hf(folder: str, **overrides) -> tuple[T5Config, dict]:
+    """Read a HF folder (``config.json`` + safetensors) -> ``(config, base)``.
+
+    Settles the head from the tensors as transformers does: an ``lm_head.weight`` that
+    differs from ``shared.weight`` gives an untied head; none (or an equal one) a tied head.
+    A folder without decoder tensors is loaded ``encoder_only``.
+    """
+    source = os.path.join(folder, "config.json")
+    config = T5Config.from_hf(hf_io.read_config(folder), source, **overrides)
+    tensors = hf_io.load_safetensors(folder)
+    if "encoder_only" not in overrides and not any(k.startswith("decoder.") for k in tensors):
+        config = dataclasses.replace(config, encoder_only=True)
+    if "tie_word_embeddings" not in overrides and not config.encoder_only:
+        head, table = tensors.get("lm_head.weight"), tensors.get("shared.weight")
+        untied = head is not None and not (table is not None and head.shape == table.shape
+                                           and np.array_equal(head, table))
+        config = dataclasses.replace(config, tie_word_embeddings=not untied)
+    return config, params_from_hf(tensors, config, source=folder)
+
+
+def save_hf(folder: str, config: T5Config, base: Mapping) -> None:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``."""
+    hf_io.save_safetensors(folder, params_to_hf(base, config), config.to_hf())
+
+
+_STACK = r"(encoder|decoder)"
+_MODULE_MAP = [  # (regex on our module path, HF name template or function of (match, ff index))
+    (_STACK + r"/layer_(\d+)/attention/(query|key|value|out)",
+     lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.SelfAttention.{_ATTN[m[3]]}"),
+    (_STACK + r"/layer_(\d+)/attention", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.SelfAttention"),
+    (_STACK + r"/layer_0/relative_attention_bias",
+     lambda m, ff: f"{m[1]}.block.0.layer.0.SelfAttention.relative_attention_bias"),
+    (_STACK + r"/layer_(\d+)/attention_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.layer_norm"),
+    (r"(decoder)/layer_(\d+)/cross_attention/(query|key|value|out)",
+     lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.EncDecAttention.{_ATTN[m[3]]}"),
+    (r"(decoder)/layer_(\d+)/cross_attention", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.EncDecAttention"),
+    (r"(decoder)/layer_(\d+)/cross_attention_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.layer_norm"),
+    (_STACK + r"/layer_(\d+)/mlp/(up|gate|down)", None),  # handled in hf_module_name
+    (_STACK + r"/layer_(\d+)/mlp", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.{ff}.DenseReluDense"),
+    (_STACK + r"/layer_(\d+)/mlp_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.{ff}.layer_norm"),
+    (_STACK + r"/layer_(\d+)", lambda m, ff: f"{m[1]}.block.{m[2]}"),
+    (_STACK + r"/final_norm", lambda m, ff: f"{m[1]}.final_layer_norm"),
+    (r"(encoder|decoder|shared|lm_head)", lambda m, ff: m[1]),
+]
+
+
+def hf_module_name(path: str, config: Optional[T5Config] = None) -> str:
+    """Our module path -> HF module name in ``T5ForConditionalGeneration``.
+
+    'encoder/layer_0/attention/query' -> 'encoder.block.0.layer.0.SelfAttention.q'. The
+    FFN input of a non-gated model ('mlp/up') is ``wi``, of a gated one ``wi_1`` (``gate``
+    is ``wi_0``): pass ``config`` for gated models (default: non-gated, v1.0).
+    """
+    path = path.strip("/")
+    for pattern, template in _MODULE_MAP:
+        m = re.fullmatch(pattern, path)
+        if not m:
+            continue
+        ff = 2 if m[1] == "decoder" else 1
+        if template is None:
+            gated = bool(config is not None and config.is_gated_act) or m[3] == "gate"
+            wi = {"up": "wi_1" if gated else "wi", "gate": "wi_0", "down": "wo"}[m[3]]
+            return f"{m[1]}.block.{m[2]}.layer.{ff}.DenseReluDense.{wi}"
+        return template(m, ff)
+    raise ValueError(f"hf_module_name: no Hugging Face module for path {path!r}")
