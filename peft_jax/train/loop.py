@@ -120,6 +120,9 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
                 if float(m.get("finite", 1.0)) < 1.0:
                     if bar:
                         bar.close()
+                    for c in (checkpointer, best_checkpointer):
+                        if c is not None:
+                            c.wait()  # finish the last good (asynchronous) save
                     last_good = checkpointer.latest_step() if checkpointer else None
                     raise NonFiniteLoss(
                         f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}); "

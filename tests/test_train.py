@@ -1,0 +1,261 @@
+"""Training-system invariants: sharded == single device, multi-process == single process,
+resume == uninterrupted (kill -9, SIGTERM), interrupted saves, base untouched, clear errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _train_fixtures import config_file, tiny_config, write_task, write_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_path):
+    root = tmp_path_factory.mktemp("tiny")
+    model = write_tiny_bert(str(root / "model"), minilm_path)
+    task = write_task(str(root / "data"))
+    return model, task, root
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def _run(cfg):
+    from peft_jax.experiment import run_experiment
+    return run_experiment(cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Single-device runs (prompt tuning and LoRA) that sharded runs must reproduce."""
+    model, task, root = tiny
+    out = {}
+    for method in ("lora", "prompt"):
+        out[method] = _run(tiny_config(model, task, str(root / f"ref_{method}"), method))
+    return out
+
+
+MESHES = {"8x1x1": dict(data=8), "2x4x1": dict(data=2, fsdp=4), "2x2x2": dict(data=2, fsdp=2, tensor=2)}
+
+
+@pytest.mark.parametrize("method,mesh", [
+    ("lora", "2x2x2"),
+    pytest.param("lora", "8x1x1", marks=pytest.mark.slow),
+    pytest.param("lora", "2x4x1", marks=pytest.mark.slow),
+    pytest.param("prompt", "8x1x1", marks=pytest.mark.slow),
+    pytest.param("prompt", "2x4x1", marks=pytest.mark.slow),
+    pytest.param("prompt", "2x2x2", marks=pytest.mark.slow),
+])
+def test_sharded_equals_single_device(tiny, reference, method, mesh):
+    model, task, root = tiny
+    over = {f"mesh.{k}": v for k, v in MESHES[mesh].items()}
+    res = _run(tiny_config(model, task, str(root / f"{method}_{mesh}"), method, **over))
+    ref = reference[method]
+    d = _max_diff(res["state"].trainable, ref["state"].trainable)
+    print(f"{method} mesh {mesh}: max |delta diff| = {d:.2e}")
+    assert d <= 1e-5
+    assert res["metrics"] == pytest.approx(ref["metrics"], abs=1e-6)
+
+
+def test_base_bit_identical_and_no_optimizer_state_for_frozen(tiny, reference):
+    from peft_jax.models.registry import load_pretrained
+    from peft_jax.peft.partition import tree_size
+
+    model, _, _ = tiny
+    base = load_pretrained(model).base
+    res = reference["lora"]
+    assert jax.tree.structure(base) == jax.tree.structure(jax.device_get(res["frozen"]))
+    for a, b in zip(_leaves(base), _leaves(res["frozen"])):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    trainable = res["state"].trainable
+    # AdamW keeps mu and nu: exactly 2x the trainable leaves, nothing for the frozen base.
+    opt_leaves = [x for x in jax.tree.leaves(res["state"].opt_state) if np.ndim(x) > 0]
+    assert sum(int(np.size(x)) for x in opt_leaves) == 2 * tree_size(trainable)
+    assert tree_size(trainable) < 0.01 * tree_size(base)
+
+
+def _cli(args, env_extra=None, check=True):
+    env = dict(os.environ)
+    env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    env.pop("PEFT_JAX_FAULT", None)
+    env.update(env_extra or {})
+    p = subprocess.run([sys.executable, "-m", "peft_jax.cli", *args], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _delta(workdir):
+    from safetensors.numpy import load_file
+    return load_file(os.path.join(workdir, "delta", "delta.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    model, task, root = tiny
+    wd = str(root / "cli_full")
+    cfg = config_file(str(root / "cfg_full.py"), model, task, wd, "lora",
+                      **{"train.steps": 6, "train.ckpt_every": 1})
+    _cli(["train", "--config", cfg])
+    return _delta(wd)
+
+
+@pytest.mark.parametrize("fault", ["kill@3", "sigterm@3"])
+def test_resume_is_bit_identical(tiny, uninterrupted, fault):
+    model, task, root = tiny
+    wd = str(root / f"cli_{fault.replace('@', '_')}")
+    cfg = config_file(str(root / f"cfg_{fault[:4]}.py"), model, task, wd, "lora",
+                      **{"train.steps": 6, "train.ckpt_every": 1})
+    p = _cli(["train", "--config", cfg], {"PEFT_JAX_FAULT": fault}, check=False)
+    if fault.startswith("kill"):
+        assert p.returncode == -signal.SIGKILL
+        assert not os.path.exists(os.path.join(wd, "result.json"))
+    else:  # SIGTERM: finish the step, checkpoint, exit 0
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.load(open(os.path.join(wd, "result.json")))["status"] == "preempted"
+        assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))
+    p2 = _cli(["train", "--config", cfg])
+    assert "resumed from step" in p2.stdout
+    res = json.load(open(os.path.join(wd, "result.json")))
+    assert res["status"] == "finished" and res["steps"] == 6
+    got = _delta(wd)
+    assert sorted(got) == sorted(uninterrupted)
+    for k in got:
+        assert np.array_equal(got[k], uninterrupted[k]), k
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(f"""
+import os, signal, sys, jax, jax.numpy as jnp, optax
+sys.path.insert(0, {str(HERE.parent)!r})
+from peft_jax.train.step import TrainState
+from peft_jax.train.checkpoint import DeltaCheckpointer
+st = TrainState.create({{"peft": {{"w": jnp.ones((256, 256))}}}}, optax.adamw(1e-3), jax.random.PRNGKey(0))
+c = DeltaCheckpointer({str(tmp_path / 'ck')!r}, keep=3)
+c.save(1, st, {{"base_id": "b"}}); c.wait()
+big = TrainState.create({{"peft": {{"w": jnp.ones((4096, 4096))}}}}, optax.adamw(1e-3), jax.random.PRNGKey(0))
+c.save(2, big, {{"base_id": "b"}})   # asynchronous: killed while writing
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == -signal.SIGKILL
+    import optax
+    from peft_jax.train.checkpoint import DeltaCheckpointer, abstract_with_shardings
+    from peft_jax.train.step import TrainState
+    import jax.numpy as jnp
+    c = DeltaCheckpointer(str(tmp_path / "ck"), keep=3)
+    assert c.latest_step() == 1
+    st = TrainState.create({"peft": {"w": jnp.zeros((256, 256))}}, optax.adamw(1e-3), jax.random.PRNGKey(0))
+    sh = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), st)
+    restored, meta = c.restore(abstract_with_shardings(jax.eval_shape(lambda: st), sh), {"base_id": "b"})
+    assert np.array_equal(np.asarray(restored.trainable["peft"]["w"]), np.ones((256, 256)))
+    c.close()
+
+
+def test_checkpoint_of_other_method_or_base_is_refused(tiny):
+    from peft_jax.models.registry import load_pretrained
+    from peft_jax.train.checkpoint import CheckpointMismatch
+
+    model, task, root = tiny
+    wd = str(root / "mismatch")
+    _run(tiny_config(model, task, wd, "lora", **{"train.steps": 2}))
+    with pytest.raises(CheckpointMismatch, match="methods"):
+        _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4, "peft.lora.rank": 2}))
+    other = str(root / "model_other")
+    write_tiny_bert(other, model, seed=1)
+    with pytest.raises(CheckpointMismatch, match="base_id|base_hash"):
+        _run(tiny_config(other, task, wd, "lora", **{"train.steps": 4}))
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tiny):
+    model, task, root = tiny
+    wd = str(root / "corrupt")
+    _run(tiny_config(model, task, wd, "lora", **{"train.steps": 2}))
+    state_dir = pathlib.Path(wd, "checkpoints", "2", "state")
+    files = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in files:  # damage every data file of the latest step
+        p.write_bytes(b"\x00garbage" * 3)
+    with pytest.raises(ValueError, match="could not be restored.*corrupted"):
+        _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4}))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny):
+    from peft_jax.train.loop import NonFiniteLoss
+
+    model, task, root = tiny
+    wd = str(root / "nan")
+    with pytest.raises(NonFiniteLoss, match=r"step \d+.*Last good checkpoint"):
+        _run(tiny_config(model, task, wd, "lora", **{
+            "train.steps": 6, "train.ckpt_every": 1, "optim.lr": 1e30, "optim.optimizer": "sgd",
+            "optim.clip_norm": 0.0}))
+    from peft_jax.train.checkpoint import DeltaCheckpointer
+    c = DeltaCheckpointer(os.path.join(wd, "checkpoints"))
+    assert c.latest_step() is not None
+    c.close()
+
+
+def test_config_typo_fails_before_compiling(tiny):
+    model, task, root = tiny
+    cfg = config_file(str(root / "cfg_typo.py"), model, task, str(root / "typo"), "lora")
+    p = _cli(["train", "--config", cfg, "--config.peft.lora.rnak=4"], check=False)
+    assert p.returncode == 2
+    assert "unknown key 'rnak'" in p.stderr and "did you mean rank" in p.stderr
+    p = _cli(["train", "--config", cfg, "--config.peft.methods=lora,prompts"], check=False)
+    assert p.returncode == 2 and "unknown method 'prompts'" in p.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny, tmp_path):
+    """jax.distributed over 2 local CPU processes (4 devices each) == 1 process with 8."""
+    model, task, root = tiny
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import os, sys, numpy as np
+pid = int(sys.argv[1]); n = int(sys.argv[2]); out = sys.argv[3]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + str(8 // n)
+sys.path.insert(0, {str(HERE)!r})
+from peft_jax.parallel import distributed
+if n > 1:
+    distributed.initialize("127.0.0.1:{12400 + os.getpid() % 500}", n, pid)
+import jax
+from _train_fixtures import tiny_config
+from peft_jax.experiment import run_experiment
+cfg = tiny_config({model!r}, {task!r}, out + "/wd", "lora", **{{"mesh.data": 8}})
+r = run_experiment(cfg)
+if jax.process_index() == 0:
+    flat = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(r["state"].trainable))]
+    np.savez(out + "/delta.npz", *flat)
+    import json; json.dump(r["metrics"], open(out + "/metrics.json", "w"))
+""")
+    def launch(n, out):
+        os.makedirs(out, exist_ok=True)
+        procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(n), out],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(n)]
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-3000:]
+        return np.load(out + "/delta.npz"), json.load(open(out + "/metrics.json"))
+
+    one, m1 = launch(1, str(tmp_path / "one"))
+    two, m2 = launch(2, str(tmp_path / "two"))
+    for k in one.files:
+        assert np.max(np.abs(one[k] - two[k])) <= 1e-5, k
+    assert m1 == pytest.approx(m2, abs=1e-6)
