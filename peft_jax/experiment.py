@@ -275,28 +275,51 @@ def _flat_config(cfg) -> dict:
     return out
 
 
-def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
-                   ) -> dict:
-    """Train (or resume) the run described by ``cfg``; returns and writes its result row."""
+@dataclasses.dataclass
+class Session:
+    """A prepared run: experiment, encoded data, spec, mesh, state, jitted functions."""
+
+    exp: Experiment
+    spec: Any
+    mesh: Any
+    state: Any
+    frozen: Any
+    state_sh: Any
+    frozen_sh: Any
+    tx: Any
+    batches: Any
+    train_enc: Any
+    eval_enc: Any
+    n_train: int
+    n_eval: int
+    predict: Callable
+    shard: Callable
+    meta_base: dict
+
+    def evaluate(self, trainable: Any, encoded: Any = None) -> dict:
+        return evaluate(self.exp, self.spec, self.predict, trainable, self.frozen,
+                        self.eval_enc if encoded is None else encoded, self.shard,
+                        self.exp.cfg.train.eval_batch_size)
+
+    def abstract_state(self) -> Any:
+        from peft_jax.train.checkpoint import abstract_with_shardings
+        return abstract_with_shardings(jax.eval_shape(lambda: self.state), self.state_sh)
+
+
+def setup(cfg, pretrained: Any = None) -> Session:
+    """Everything before the first step: load, encode, init the delta, shard, jit."""
     from peft_jax.data import make_batches
     from peft_jax.parallel import distributed
-    from peft_jax.parallel.mesh import make_mesh, shard_batch, shardings_for, logical_axes_tree
+    from peft_jax.parallel.mesh import logical_axes_tree, make_mesh, shard_batch, shardings_for
     from peft_jax.peft.delta_io import methods_config
-    from peft_jax.peft.partition import tree_size
-    from peft_jax.train.checkpoint import DeltaCheckpointer, abstract_with_shardings
-    from peft_jax.train.forward import make_loss_fn, make_predict_fn
-    from peft_jax.train.loop import LoopConfig, run_loop
-    from peft_jax.train.step import TrainState, jit_train_step, make_eval_step, make_train_step
-    from peft_jax.train.writers import MetricWriter
+    from peft_jax.peft.partition import select_base
+    from peft_jax.train.forward import make_predict_fn
+    from peft_jax.train.step import TrainState, make_eval_step
 
     distributed.initialize()
-    t_start = time.perf_counter()
     exp = build_experiment(cfg, pretrained)
     c = cfg.train
-    os.makedirs(cfg.workdir, exist_ok=True)
-    main = jax.process_index() == 0
 
-    # data
     train_ex = load_examples(exp, cfg.task.train_split, cfg.task.max_train_examples, cfg.seed)
     eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples, cfg.seed)
     train_enc, eval_enc = encode_split(exp, train_ex), encode_split(exp, eval_ex)
@@ -305,10 +328,8 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
                            shard_index=jax.process_index(), shard_count=jax.process_count())
     spec = format_spec(exp, train_enc)
 
-    # delta, optimizer, state
     mesh = make_mesh(dict(cfg.mesh))
-    rng = jax.random.PRNGKey(cfg.seed)
-    k_init, k_train = jax.random.split(rng)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     example = next(make_batches(train_enc, 2, buckets=tuple(c.buckets), shuffle=False,
                                 drop_remainder=False, num_epochs=1))
     trainable, frozen = init_trainable(exp, example, k_init)
@@ -319,30 +340,47 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
     abstract_vars = jax.eval_shape(lambda: exp.pre.build().init(
         jax.random.PRNGKey(0), **_init_args(exp, example)))
     axes = logical_axes_tree(abstract_vars["params"])
-    from peft_jax.peft.partition import select_base
-    _, axes_frozen = select_base(axes, base_patterns(cfg)) if base_patterns(cfg) else (None, axes)
+    pats = base_patterns(cfg)
+    axes_frozen = select_base(axes, pats)[1] if pats else axes
     frozen_sh = shardings_for(frozen, mesh, _match(frozen, axes_frozen))
     state_sh = shardings_for(state, mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
-    state = jax.device_put(state, state_sh)
-
-    loss_fn = make_loss_fn(exp.model, spec)
-    train_step = jit_train_step(make_train_step(loss_fn, assemble_fn, tx, c.grad_accum),
-                                state_sh, frozen_sh, None)
     predict = jax.jit(make_eval_step(make_predict_fn(exp.model, spec), assemble_fn))
-    shard = lambda b: shard_batch(_model_batch(b), mesh)
+    meta_base = json.loads(json.dumps({
+        "base_id": exp.base_id, "base_hash": exp.base_hash, "methods": methods_config(exp.methods),
+        "format": cfg.task.format, "task": exp.task.name}))
+    return Session(exp=exp, spec=spec, mesh=mesh, state=jax.device_put(state, state_sh),
+                   frozen=jax.device_put(frozen, frozen_sh), state_sh=state_sh, frozen_sh=frozen_sh,
+                   tx=tx, batches=batches, train_enc=train_enc, eval_enc=eval_enc,
+                   n_train=len(train_ex), n_eval=len(eval_ex), predict=predict,
+                   shard=lambda b: shard_batch(_model_batch(b), mesh), meta_base=meta_base)
 
-    # checkpoints
-    meta_base = {"base_id": exp.base_id, "base_hash": exp.base_hash,
-                 "methods": methods_config(exp.methods), "format": cfg.task.format,
-                 "task": exp.task.name}
+
+def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
+                   ) -> dict:
+    """Train (or resume) the run described by ``cfg``; returns and writes its result row."""
+    from peft_jax.peft.partition import tree_size
+    from peft_jax.train.checkpoint import DeltaCheckpointer
+    from peft_jax.train.forward import make_loss_fn
+    from peft_jax.train.loop import LoopConfig, run_loop
+    from peft_jax.train.step import jit_train_step, make_train_step
+    from peft_jax.train.writers import MetricWriter
+
+    t_start = time.perf_counter()
+    s = setup(cfg, pretrained)
+    exp, spec, c = s.exp, s.spec, cfg.train
+    os.makedirs(cfg.workdir, exist_ok=True)
+    main = jax.process_index() == 0
+    state, frozen, batches, shard, meta_base = s.state, s.frozen, s.batches, s.shard, s.meta_base
+    trainable = state.trainable
+    train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, spec), assemble_fn, s.tx,
+                                                c.grad_accum), s.state_sh, s.frozen_sh, None)
+
     ckpt = DeltaCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=c.keep)
     best = (DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
             if c.best_metric else None)
     resumed_from = None
     if c.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_with_shardings(jax.eval_shape(lambda: state), state_sh),
-                                   json.loads(json.dumps(meta_base)))
+        state, meta = ckpt.restore(s.abstract_state(), meta_base)
         batches.set_state(meta["data"])
         resumed_from = int(meta["step"])
 
@@ -350,7 +388,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         return {**meta_base, "step": int(step), "data": batches.get_state()}
 
     def eval_fn(st):
-        return evaluate(exp, spec, predict, st.trainable, frozen, eval_enc, shard, c.eval_batch_size)
+        return s.evaluate(st.trainable)
 
     baseline = {}
     if c.baseline and resumed_from is None:
@@ -362,7 +400,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
     if main:
         print(f"[peft_jax] {exp.base_id}: {exp.pre.kind}, methods={cfg.peft.methods}, "
               f"trainable={n_params:,} / base={tree_size(exp.pre.base):,} params; "
-              f"mesh={dict(mesh.shape)}; train={len(train_ex)} eval={len(eval_ex)} examples"
+              f"mesh={dict(s.mesh.shape)}; train={s.n_train} eval={s.n_eval} examples"
               + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
               flush=True)
     result_loop = run_loop(
@@ -388,13 +426,13 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
     }
     if result_loop.status == "finished" and cfg.task.test_split:
         test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split))
-        result["test"] = evaluate(exp, spec, predict, result_loop.state.trainable, frozen, test_enc,
-                                  shard, c.eval_batch_size)
+        result["test"] = s.evaluate(result_loop.state.trainable, test_enc)
     if main:
         if result_loop.status == "finished":
             from peft_jax.peft.delta_io import save_delta
-            delta = jax.device_get(result_loop.state.trainable)
-            save_delta(os.path.join(cfg.workdir, "delta"), delta["peft"], base_id=exp.base_id,
+            # the whole trainable tree: the delta ("peft") and any trained base leaves ("params")
+            save_delta(os.path.join(cfg.workdir, "delta"),
+                       jax.device_get(result_loop.state.trainable), base_id=exp.base_id,
                        base_hash=exp.base_hash, methods=exp.methods, overwrite=True)
         _write_json(os.path.join(cfg.workdir, "result.json"), result)
         print(results_table(result), flush=True)
@@ -437,3 +475,94 @@ def results_table(result: dict) -> str:
     rows.append(f"steps: {result['steps']}  train time: {result['train_wall_s']:.1f}s  "
                 f"total time: {result['wall_s']:.1f}s  compilations: {result['compilations']}")
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- eval / export
+
+
+def restore_trained(cfg, pretrained: Any = None, which: str = "latest") -> tuple[Session, Any]:
+    """A session and its trained trainable tree, from the run's checkpoints.
+
+    ``which``: ``"latest"`` (last checkpoint) or ``"best"`` (kept by ``train.best_metric``).
+    """
+    from peft_jax.train.checkpoint import DeltaCheckpointer
+
+    s = setup(cfg, pretrained)
+    folder = os.path.join(cfg.workdir, "best" if which == "best" else "checkpoints")
+    ckpt = DeltaCheckpointer(folder)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {folder}: train first "
+                                    f"(peft-jax train --config ... --workdir {cfg.workdir})")
+        state, _ = ckpt.restore(s.abstract_state(), s.meta_base)
+    finally:
+        ckpt.close()
+    return s, state.trainable
+
+
+def evaluate_experiment(cfg, split: Optional[str] = None, which: str = "latest") -> dict:
+    """Metrics of a trained run on ``split`` (default: ``config.task.eval_split``)."""
+    s, trainable = restore_trained(cfg, which=which)
+    enc = None
+    if split and split != cfg.task.eval_split:
+        enc = encode_split(s.exp, load_examples(s.exp, split))
+    return s.evaluate(trainable, enc)
+
+
+def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
+    """Write a trained delta: ``npy`` (prompts by dotted path), ``hf-peft`` (adapter_config.json
+    + adapter_model.safetensors), ``merged`` (a HF model folder with LoRA/IA3 folded in), or
+    ``delta`` (peft_jax's own safetensors + metadata)."""
+    from peft_jax.peft import delta_io
+
+    s, trainable = restore_trained(cfg, which=which)
+    tr = jax.device_get(trainable)
+    delta = tr["peft"]
+    exp = s.exp
+    if fmt == "npy":
+        delta_io.export_prompt_npy(delta, out)
+    elif fmt == "delta":
+        delta_io.save_delta(out, tr, base_id=exp.base_id, base_hash=exp.base_hash,
+                            methods=exp.methods, overwrite=True)
+    elif fmt == "hf-peft":
+        from peft_jax.peft.hf_peft import export_method
+        methods = [m for m in exp.methods]
+        if len(methods) != 1:
+            raise ConfigError(f"hf-peft export holds one method; this run has {cfg.peft.methods}")
+        export_method(out, {k: v for k, v in delta.items() if k != "head"}, methods[0],
+                      hf_module_name=_hf_names(exp))
+    elif fmt == "merged":
+        from peft_jax.models.registry import save_pretrained
+        from peft_jax.peft import IA3, LoRA, merge_ia3, merge_lora
+        from peft_jax.peft.partition import assemble
+        base = assemble(jax.device_get(s.frozen), tr)["params"]
+        for m in exp.methods:
+            if isinstance(m, LoRA):
+                base = merge_lora(base, delta, m)
+            elif isinstance(m, IA3):
+                base = merge_ia3(base, delta, m)
+            else:
+                raise ConfigError(f"merged export folds LoRA / IA3 only; {type(m).__name__} "
+                                  "cannot be folded into the base weights")
+        save_pretrained(exp.pre, out, base=base)
+    else:
+        raise ConfigError(f"export format {fmt!r}; choose npy, hf-peft, merged or delta")
+    return out
+
+
+def _hf_names(exp: Experiment) -> Callable[[str], str]:
+    fn = exp.pre.module.hf_module_name
+    if exp.pre.module.__name__.endswith(".bert"):
+        return lambda p: fn(p, exp.pre.config.model_type)
+    if exp.pre.module.__name__.endswith(".t5"):
+        return lambda p: fn(p, exp.pre.config)
+    return fn
+
+
+def parameter_report(cfg) -> str:
+    """Trainable / total parameters per method and module, and optimizer-state bytes."""
+    from peft_jax.peft.report import param_report
+
+    s = setup(cfg)
+    tr = jax.device_get(s.state.trainable)
+    return param_report(s.exp.pre.base, tr["peft"], base_patterns(cfg), tx=s.tx).table()

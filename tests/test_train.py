@@ -259,3 +259,24 @@ if jax.process_index() == 0:
     for k in one.files:
         assert np.max(np.abs(one[k] - two[k])) <= 1e-5, k
     assert m1 == pytest.approx(m2, abs=1e-6)
+
+
+def test_cli_eval_export_params(tiny, uninterrupted):
+    """eval restores the trained delta and reproduces the run's final metrics; exports load."""
+    model, task, root = tiny
+    cfg = str(root / "cfg_full.py")
+    wd = root / "cli_full"
+    res = json.load(open(wd / "result.json"))
+    p = _cli(["eval", "--config", cfg])
+    acc = float(p.stdout.strip().split("accuracy=")[1].split()[0])
+    assert acc == pytest.approx(res["metrics"]["accuracy"], abs=1e-6)
+    out = root / "exported"
+    _cli(["export", "--config", cfg, "--format", "hf-peft", "--out", str(out / "hf")])
+    cfg_json = json.load(open(out / "hf" / "adapter_config.json"))
+    assert cfg_json["peft_type"] == "LORA" and cfg_json["r"] == 4
+    _cli(["export", "--config", cfg, "--format", "merged", "--out", str(out / "merged")])
+    from peft_jax.models.registry import load_pretrained
+    merged = load_pretrained(str(out / "merged"))
+    assert merged.config.num_layers == 2
+    p = _cli(["params", "--config", cfg])
+    assert "lora" in p.stdout.lower() and "%" in p.stdout

@@ -204,17 +204,19 @@ class BertConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def position_ids(config: BertConfig, token_mask: Array) -> Array:
+def position_ids(config: BertConfig, token_mask: Array, offset: int = 0) -> Array:
     """Position ids ``[b, l]`` from a non-pad indicator ``[b, l]`` (1 = real token or prompt).
 
-    BERT: ``0 .. l-1``. RoBERTa: ``cumsum(token_mask) * token_mask + pad_token_id`` (pads get
-    ``pad_token_id``; real tokens count from ``pad_token_id + 1``), as HF.
+    BERT: ``offset .. offset+l-1``. RoBERTa: ``(cumsum(token_mask) + offset) * token_mask +
+    pad_token_id`` (pads get ``pad_token_id``; real tokens count from ``pad_token_id + 1``),
+    as HF. ``offset``: key/value prefix length (HF shifts positions by the length of
+    ``past_key_values``, which is how HF PEFT passes prefix tuning).
     """
     b, l = token_mask.shape
     if not config.is_roberta:
-        return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+        return jnp.broadcast_to(jnp.arange(offset, offset + l, dtype=jnp.int32)[None], (b, l))
     m = token_mask.astype(jnp.int32)
-    return jnp.cumsum(m, axis=1) * m + config.pad_token_id
+    return (jnp.cumsum(m, axis=1) + offset) * m + config.pad_token_id
 
 
 class BertEmbeddings(nn.Module):
@@ -352,11 +354,12 @@ class BertModel(nn.Module):
         token_type_ids = apply_inserts(inserts, token_type_ids, 0)
         token_mask = apply_inserts(inserts, (input_ids != c.pad_token_id).astype(jnp.int32), 1)
         length = words.shape[1]
-        if length > c.max_length:
+        if length + self.slots.kv_prefix_length > c.max_length:
             raise ValueError(f"sequence length {length} (prompts included) exceeds the "
                              f"{c.max_length} positions of this model (max_position_embeddings="
                              f"{c.max_position_embeddings})")
-        x = emb.combine(words, token_type_ids, position_ids(c, token_mask), deterministic)
+        x = emb.combine(words, token_type_ids, position_ids(c, token_mask, self.slots.kv_prefix_length),
+                      deterministic)
 
         bias = make_attention_bias(mask, length, dtype=jnp.float32)
         layers = BertEncoder(c, self.dtype, self.slots, name="encoder")(x, bias, deterministic)

@@ -236,11 +236,6 @@ def default_positions(mask: Array, offset: Any = 0) -> Array:
     return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + offset
 
 
-def kv_prefix_length(slots: Slots) -> int:
-    """Static number of key/value prefix entries the slots' methods prepend (prefix tuning)."""
-    return int(sum(getattr(m, "kv_prefix_length", 0) for m in slots.methods))
-
-
 class LlamaLayer(nn.Module):
     """Pre-RMSNorm block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``; ``[b, l, d]``."""
 
@@ -324,7 +319,7 @@ class LlamaModel(nn.Module):
             raise ValueError("positions cannot be combined with input_embeddings inserts "
                              "(soft prompts); leave positions=None")
         b, length = mask.shape
-        prefix = kv_prefix_length(self.slots)
+        prefix = self.slots.kv_prefix_length
 
         if decode:
             bias, pos = self._decode_bookkeeping(mask, prefix)

@@ -73,6 +73,15 @@ class Slots:
     def __bool__(self) -> bool:
         return bool(self.methods)
 
+    @property
+    def kv_prefix_length(self) -> int:
+        """Static number of key/value prefix entries the methods prepend (prefix tuning).
+
+        Families use it to place real tokens after the prefix, as Hugging Face does when a
+        prefix arrives as ``past_key_values`` (positions / relative bias offset by it).
+        """
+        return int(sum(getattr(m, "kv_prefix_length", 0) for m in self.methods))
+
     def _with(self, hook: str):
         return [m for m in self.methods if hasattr(m, hook)]
 

@@ -266,11 +266,6 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool, num_
     return buckets + jnp.where(is_small, n, large)
 
 
-def kv_prefix_length(slots: Slots) -> int:
-    """Static number of key/value prefix entries the slots' methods prepend (prefix tuning)."""
-    return int(sum(getattr(m, "kv_prefix_length", 0) for m in slots.methods))
-
-
 class RelativePositionBias(nn.Module):
     """Learned ``[buckets, heads]`` table -> additive bias ``[1, heads, q, k]``."""
 
@@ -327,7 +322,7 @@ class T5Layer(nn.Module):
                              slots=self.slots, name=name)
 
         if self.has_relative_bias:
-            prefix = kv_prefix_length(self.slots)
+            prefix = self.slots.kv_prefix_length
             position_bias = RelativePositionBias(
                 c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
                 bidirectional=not self.is_decoder, dtype=self.dtype,
