@@ -129,3 +129,59 @@ def check_keys(config: Mapping[str, Any], supported: Mapping[str, Any], source: 
         if field in config and config[field] is not None and config[field] not in allowed:
             raise CheckpointError(f"{source}: config field {field}={config[field]!r} is not "
                                   f"supported; supported: {sorted(map(str, allowed))}")
+
+
+# ----------------------------------------------------------------------------- layouts
+# A family describes its checkpoint as a layout: one entry per base leaf,
+# ``(path in the base pytree, HF tensor name, kind, our shape)`` with kind ``"linear"``
+# (our kernel ``[in, out]`` = HF weight ``[out, in]`` transposed) or anything else (as is).
+
+LayoutEntry = tuple  # (tuple[str, ...], str, str, tuple[int, ...])
+
+
+def set_path(tree: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: Mapping, path: tuple) -> Any:
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            raise KeyError("/".join(path))
+        tree = tree[k]
+    return tree
+
+
+def tree_from_layout(tensors: Mapping[str, np.ndarray], layout, source: str = "checkpoint",
+                     rename=None) -> dict:
+    """Flat HF tensors -> nested base pytree (float32), checking every name and shape.
+
+    ``rename(hf_name) -> name in tensors`` handles prefixes and old spellings.
+    """
+    base: dict = {}
+    for path, hf, kind, shape in layout:
+        name = rename(hf) if rename else hf
+        hf_shape = tuple(shape)[::-1] if kind == "linear" else tuple(shape)
+        arr = np.asarray(take(tensors, name, hf_shape, source), np.float32)
+        set_path(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
+    return base
+
+
+def tensors_from_layout(base: Mapping, layout, rename=None) -> dict[str, np.ndarray]:
+    """Nested base pytree -> flat HF tensors; a missing or mis-shaped leaf is named."""
+    import flax.linen as nn
+
+    base = nn.meta.unbox(base)
+    out: dict[str, np.ndarray] = {}
+    for path, hf, kind, shape in layout:
+        where = "/".join(path)
+        try:
+            arr = np.asarray(get_path(base, path), np.float32)
+        except KeyError:
+            raise CheckpointError(f"base params: missing leaf {where!r}") from None
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"base params: leaf {where!r} has shape {tuple(arr.shape)}, "
+                                  f"config implies {tuple(shape)}")
+        out[rename(hf) if rename else hf] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
+    return out
