@@ -459,20 +459,6 @@ def _base_prefix(tensors: Mapping[str, np.ndarray], config: BertConfig) -> str:
     return ""
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise KeyError("/".join(path))
-        tree = tree[k]
-    return tree
-
-
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
                    source: str = "checkpoint") -> dict:
     """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
@@ -482,13 +468,12 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
     one of the wrong shape raises :class:`CheckpointError` naming it.
     """
     prefix = _base_prefix(tensors, config)
-    base: dict = {}
-    for path, hf, kind, shape in _hf_layout(config):
+
+    def rename(hf: str) -> str:
         name = hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf
-        hf_shape = shape[::-1] if kind == "linear" else shape
-        found = next((a for a in _aliases(name) if a in tensors), name)
-        arr = np.asarray(hf_io.take(tensors, found, hf_shape, source), np.float32)
-        _set(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
+        return next((a for a in _aliases(name) if a in tensors), name)
+
+    base = hf_io.tree_from_layout(tensors, _hf_layout(config), source, rename)
     if config.with_mlm_head:
         dec = _head_names(config)["decoder"] + ".weight"
         table = base["embeddings"]["word_embeddings"]["embedding"]
@@ -502,17 +487,10 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
 def params_to_hf(base: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
     """Base pytree -> flat HF tensors, named as ``Bert/RobertaModel`` (no head) or
     ``Bert/RobertaForMaskedLM`` (``config.with_mlm_head``: ``bert.``/``roberta.`` prefix)."""
-    base = nn.meta.unbox(base)
     prefix = f"{config.model_type}." if config.with_mlm_head else ""
-    out: dict[str, np.ndarray] = {}
-    for path, hf, kind, _ in _hf_layout(config):
-        try:
-            arr = np.asarray(_get(base, path), np.float32)
-        except KeyError:
-            raise CheckpointError(f"base params: missing leaf {'/'.join(path)!r}") from None
-        name = hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf
-        out[name] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
-    return out
+    return hf_io.tensors_from_layout(
+        base, _hf_layout(config),
+        lambda hf: hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf)
 
 
 def load_hf(folder: str, add_pooling_layer: Optional[bool] = None,

@@ -401,20 +401,6 @@ def _hf_layout(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, str, tup
     return out
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise KeyError("/".join(path))
-        tree = tree[k]
-    return tree
-
-
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
                    source: str = "checkpoint") -> dict:
     """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
@@ -424,12 +410,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
     of the wrong shape raises :class:`CheckpointError` naming it.
     """
     bare = "model.embed_tokens.weight" not in tensors and "embed_tokens.weight" in tensors
-    base: dict = {}
-    for path, hf, kind, shape in _hf_layout(config):
-        name = hf[len("model."):] if bare and hf.startswith("model.") else hf
-        hf_shape = shape[::-1] if kind == "linear" else shape
-        arr = np.asarray(hf_io.take(tensors, name, hf_shape, source), np.float32)
-        _set(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
+    base = hf_io.tree_from_layout(
+        tensors, _hf_layout(config), source,
+        lambda hf: hf[len("model."):] if bare and hf.startswith("model.") else hf)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         head, table = tensors["lm_head.weight"], base["embed_tokens"]["embedding"]
         if head.shape != table.shape or not np.allclose(head, table, atol=1e-6):
@@ -440,18 +423,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
 
 def params_to_hf(base: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
     """Base pytree -> flat HF tensors named as ``*ForCausalLM`` (``model.`` prefix)."""
-    base = nn.meta.unbox(base)
-    out: dict[str, np.ndarray] = {}
-    for path, hf, kind, shape in _hf_layout(config):
-        try:
-            arr = np.asarray(_get(base, path), np.float32)
-        except KeyError:
-            raise CheckpointError(f"base params: missing leaf {'/'.join(path)!r}") from None
-        if tuple(arr.shape) != tuple(shape):
-            raise CheckpointError(f"base params: leaf {'/'.join(path)!r} has shape "
-                                  f"{tuple(arr.shape)}, config implies {tuple(shape)}")
-        out[hf] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
-    return out
+    return hf_io.tensors_from_layout(base, _hf_layout(config))
 
 
 def load_hf(folder: str) -> tuple[LlamaConfig, dict]:

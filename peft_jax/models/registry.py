@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax.numpy as jnp
 

@@ -310,7 +310,6 @@ class T5Layer(nn.Module):
                  deterministic: bool = True) -> tuple[Array, Array]:
         c = self.config
         f = c.initializer_factor
-        inner = c.num_heads * c.d_kv
         norm = lambda name: LayerNorm(eps=c.layer_norm_epsilon, rms=True, use_bias=False,
                                       dtype=self.dtype, name=name)
         drop = nn.Dropout(c.dropout_rate)
@@ -631,20 +630,6 @@ def _hf_layout(config: T5Config) -> list[tuple[tuple[str, ...], str, str, tuple[
     return out
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise KeyError("/".join(path))
-        tree = tree[k]
-    return tree
-
-
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: T5Config,
                    source: str = "checkpoint") -> dict:
     """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
@@ -652,32 +637,18 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: T5Config,
     ``shared.weight`` may also be spelled ``encoder.embed_tokens.weight`` (old exports).
     A missing tensor or one of the wrong shape raises :class:`CheckpointError` naming it.
     """
-    base: dict = {}
-    for path, hf, kind, shape in _hf_layout(config):
-        name = hf
+    def rename(hf: str) -> str:
         if hf == "shared.weight" and hf not in tensors and "encoder.embed_tokens.weight" in tensors:
-            name = "encoder.embed_tokens.weight"
-        hf_shape = shape[::-1] if kind == "linear" else shape
-        arr = np.asarray(hf_io.take(tensors, name, hf_shape, source), np.float32)
-        _set(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
-    return base
+            return "encoder.embed_tokens.weight"
+        return hf
+
+    return hf_io.tree_from_layout(tensors, _hf_layout(config), source, rename)
 
 
 def params_to_hf(base: Mapping, config: T5Config) -> dict[str, np.ndarray]:
     """Base pytree -> flat HF tensors named as ``T5ForConditionalGeneration`` /
     ``T5EncoderModel`` (``encoder_only``)."""
-    base = nn.meta.unbox(base)
-    out: dict[str, np.ndarray] = {}
-    for path, hf, kind, shape in _hf_layout(config):
-        try:
-            arr = np.asarray(_get(base, path), np.float32)
-        except KeyError:
-            raise CheckpointError(f"base params: missing leaf {'/'.join(path)!r}") from None
-        if arr.shape != tuple(shape):
-            raise CheckpointError(f"base params: leaf {'/'.join(path)!r} has shape {arr.shape}, "
-                                  f"config implies {tuple(shape)}")
-        out[hf] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
-    return out
+    return hf_io.tensors_from_layout(base, _hf_layout(config))
 
 
 def load_hf(folder: str, **overrides) -> tuple[T5Config, dict]:

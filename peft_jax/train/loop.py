@@ -11,7 +11,7 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np

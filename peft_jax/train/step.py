@@ -8,7 +8,7 @@ costs no gradient buffers, no optimizer state, and is bit-identical after traini
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.struct
 import jax
