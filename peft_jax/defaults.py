@@ -55,7 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft = ml_collections.ConfigDict()
     c.peft.methods = "lora"            # comma list of METHODS, e.g. "prompt,lora" or "full"
     c.peft.prompt = ml_collections.ConfigDict(dict(
-        length=20, init="uniform", init_scale=0.5, placement="prefix", file="", top_k=5000))
+        length=20, init="uniform", init_scale=0.5, placement="prefix", top_k=5000,
+        ranking="auto",     # sampled_vocab: "ids" (ids are frequency-ordered: SentencePiece),
+                            # "corpus" (rank ids by counts over the task's training texts),
+                            # "auto" (ids for SentencePiece, corpus for BPE/WordPiece)
+        text="",            # init="text": the text whose token embeddings start the prompt
+        file="",            # init="file": .npy [length, d] (SPoT transfer)
+        resize=""))         # init="file" with another length: "" (error) | truncate | tile
     c.peft.prefix = ml_collections.ConfigDict(dict(length=10, projection_hidden=0))
     c.peft.lora = ml_collections.ConfigDict(dict(
         rank=8, alpha=16.0, dropout=0.0, targets=r".*/(query|value)$", rslora=False))
@@ -116,6 +122,10 @@ def validate(cfg) -> None:
     if "full" in methods and len(methods) > 1 and set(methods) - {"full", "head"}:
         raise ConfigError("config.peft.methods: 'full' fine-tuning trains every base weight; "
                           f"combining it with {methods} makes no sense")
+    check_choice(cfg, "peft.prompt.ranking", ("auto", "ids", "corpus"))
+    check_choice(cfg, "peft.prompt.resize", ("", "truncate", "tile"))
+    if cfg.peft.prompt.init == "text" and "prompt" in methods and not cfg.peft.prompt.text:
+        raise ConfigError("config.peft.prompt.init='text' needs config.peft.prompt.text")
     if cfg.peft.prompt.init == "file" and "prompt" in methods and not cfg.peft.prompt.file:
         raise ConfigError("config.peft.prompt.init='file' needs config.peft.prompt.file (an .npy)")
     if cfg.train.batch_size % cfg.train.grad_accum:

@@ -33,17 +33,16 @@ Array = Any
 # ----------------------------------------------------------------------------- methods
 
 
-def build_methods(cfg) -> tuple:
+def build_methods(cfg, pre: Any = None, task: Any = None) -> tuple:
     """The PEFT method objects named by ``config.peft.methods`` (heads and base-leaf rules
-    are handled separately: they are not slots)."""
+    are handled separately: they are not slots). ``pre``/``task`` feed the prompt
+    initializers that need the tokenizer (sampled vocab ranking, class labels, text)."""
     from peft_jax import peft as P
 
     out = []
     for m in defaults.method_list(cfg):
         if m == "prompt":
-            p = cfg.peft.prompt
-            out.append(P.PromptTuning(length=p.length, placement=p.placement,
-                                      init_scale=p.init_scale))
+            out.append(P.PromptTuning(**prompt_init_kwargs(cfg, pre, task)))
         elif m == "prefix":
             p = cfg.peft.prefix
             out.append(P.PrefixTuning(length=p.length, projection_hidden=p.projection_hidden or None))
@@ -58,6 +57,59 @@ def build_methods(cfg) -> tuple:
             p = cfg.peft.ia3
             out.append(P.IA3(targets=p.targets, feedforward=p.feedforward))
     return tuple(out)
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """'sentencepiece' (ids roughly frequency-ordered), 'wordpiece' or 'bpe'."""
+    name = type(tokenizer).__name__.lower()
+    model = ""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        model = type(backend.model).__name__.lower()
+    if "unigram" in model or "t5" in name or "sentencepiece" in name:
+        return "sentencepiece"
+    if "wordpiece" in model or "bert" in name:
+        return "wordpiece"
+    return "bpe"
+
+
+def corpus_ranking(tokenizer, texts: list[str]) -> tuple[int, ...]:
+    """Token ids sorted by decreasing count over ``texts`` (ties: smaller id first)."""
+    counts: dict[int, int] = {}
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+    return tuple(sorted(counts, key=lambda i: (-counts[i], i)))
+
+
+def prompt_init_kwargs(cfg, pre: Any, task: Any) -> dict:
+    """PromptTuning arguments for ``config.peft.prompt`` (initializer inputs resolved)."""
+    p = cfg.peft.prompt
+    kw = dict(length=p.length, placement=p.placement, init=p.init, init_scale=p.init_scale,
+              top_k=p.top_k)
+    tok = getattr(pre, "tokenizer", None)
+    if p.init in ("sampled_vocab", "class_labels") and tok is not None:
+        kind = tokenizer_kind(tok)
+        kw["tokenizer_kind"] = kind
+        if p.ranking == "corpus" or (p.ranking == "auto" and kind != "sentencepiece"):
+            texts = [ex[f] for ex in task.load(cfg.task.train_split) for f in task.text_fields]
+            kw["ranking"] = corpus_ranking(tok, texts)
+    if p.init == "class_labels":
+        words = _label_words(cfg, task) or task.verbalizer
+        if words is None:
+            raise ConfigError("config.peft.prompt.init='class_labels' needs label words: "
+                              "config.task.label_words or a task with a default verbalizer")
+        from peft_jax.data.templates import verbalizer_words
+        per_class = verbalizer_words(words, task.verbalizer_keys())
+        kw["label_token_ids"] = tuple(
+            tuple(tok(" " + ws[0] if kw.get("tokenizer_kind") == "bpe" else ws[0],
+                      add_special_tokens=False)["input_ids"]) for ws in per_class)
+    if p.init == "text":
+        kw["text_token_ids"] = tuple(tok(p.text, add_special_tokens=False)["input_ids"])
+    if p.init == "file":
+        kw["init_file"] = p.file
+        kw["allow_resize"] = p.resize or None
+    return kw
 
 
 def base_patterns(cfg) -> tuple[str, ...]:
@@ -108,7 +160,7 @@ def build_experiment(cfg, pretrained: Any = None) -> Experiment:
     task = (D.task_from_config(defaults.file_task_config(cfg)) if cfg.task.name == "file"
             else D.get_task(cfg.task.name))
     pre = pretrained or load_pretrained(cfg.model.name)
-    methods = build_methods(cfg)
+    methods = build_methods(cfg, pre, task)
     model = pre.build(Slots(methods), _dtype(cfg))
     return Experiment(cfg=cfg, pre=pre, task=task, methods=methods, model=model,
                       base_id=str(getattr(pre, "name", cfg.model.name)),

@@ -280,3 +280,30 @@ def test_cli_eval_export_params(tiny, uninterrupted):
     assert merged.config.num_layers == 2
     p = _cli(["params", "--config", cfg])
     assert "lora" in p.stdout.lower() and "%" in p.stdout
+
+
+def test_prompt_initializers_wired_from_config(tiny):
+    """class_labels rows are the label words' embeddings; sampled_vocab rows come from the
+    top-k ids of a corpus ranking (WordPiece ids are not frequency-ordered)."""
+    from peft_jax.experiment import corpus_ranking, setup
+
+    model, task, root = tiny
+    cfg = tiny_config(model, task, str(root / "pinit"), "prompt", **{
+        "peft.prompt.init": "class_labels", "task.label_words": "bad,good"})
+    s = setup(cfg)
+    tok = s.exp.pre.tokenizer
+    table = np.asarray(s.exp.pre.base["embeddings"]["word_embeddings"]["embedding"])
+    prompt = np.asarray(s.state.trainable["peft"]["prompt"])
+    for row, word in enumerate(["bad", "good"]):
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        np.testing.assert_allclose(prompt[row], table[ids].mean(0), rtol=0, atol=1e-7)
+
+    cfg = tiny_config(model, task, str(root / "pinit2"), "prompt", **{
+        "peft.prompt.init": "sampled_vocab", "peft.prompt.top_k": 20})
+    s = setup(cfg)
+    texts = [line.split("\t")[0] for line in open(task["train"]).read().splitlines()]
+    top = corpus_ranking(tok, texts)[:20]
+    prompt = np.asarray(s.state.trainable["peft"]["prompt"])
+    rows = {tuple(np.round(table[i], 7)) for i in top}
+    assert all(tuple(np.round(r, 7)) in rows for r in prompt)
+    assert len({tuple(r) for r in prompt}) == prompt.shape[0]  # without replacement
