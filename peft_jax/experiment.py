@@ -284,12 +284,14 @@ def evaluate(exp: Experiment, spec, predict, trainable: Any, frozen: Any, encode
                       shard_count=jax.process_count())
     preds, labels, keep = [], [], []
     for batch in it:
-        y = np.asarray(jax.device_get(predict(trainable, frozen, shard(_model_batch(batch)))))
-        if jax.process_count() > 1:
+        y = predict(trainable, frozen, shard(_model_batch(batch)))
+        if jax.process_count() > 1:  # global predictions; every host gets all rows
             from jax.experimental import multihost_utils
             y = np.asarray(multihost_utils.process_allgather(y, tiled=True))
             batch = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
                      for k in ("label", "example_mask")}
+        else:
+            y = np.asarray(jax.device_get(y))
         preds.append(y)
         labels.append(batch["label"])
         keep.append(batch["example_mask"] > 0)
