@@ -307,3 +307,17 @@ def test_prompt_initializers_wired_from_config(tiny):
     rows = {tuple(np.round(table[i], 7)) for i in top}
     assert all(tuple(np.round(r, 7)) in rows for r in prompt)
     assert len({tuple(r) for r in prompt}) == prompt.shape[0]  # without replacement
+
+
+def test_bf16_compute_keeps_fp32_delta_and_grad_accum_matches(tiny):
+    """bf16 compute trains with fp32 deltas; grad_accum=2 equals one batch of the same size."""
+    model, task, root = tiny
+    res = _run(tiny_config(model, task, str(root / "bf16"), "lora", **{"model.dtype": "bfloat16"}))
+    assert all(x.dtype == np.float32 for x in _leaves(res["state"].trainable))
+    assert np.isfinite(res["metrics"]["accuracy"])
+    # without dropout (micro-batches draw other dropout masks than one big batch)
+    nodrop = write_tiny_bert(str(root / "model_nodrop"), model, dropout=0.0)
+    one = _run(tiny_config(nodrop, task, str(root / "acc1"), "lora", **{"optim.optimizer": "sgd"}))
+    two = _run(tiny_config(nodrop, task, str(root / "acc2"), "lora", **{"optim.optimizer": "sgd",
+                                                                        "train.grad_accum": 2}))
+    assert _max_diff(one["state"].trainable, two["state"].trainable) <= 1e-5

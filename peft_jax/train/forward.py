@@ -111,7 +111,8 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
     pooled = pooling.pool(spec.pooling, hidden)
     from peft_jax.peft.heads import apply_head
     head_rng = None if deterministic or rng is None else jax.random.fold_in(rng, 1)
-    y = apply_head(spec.head_kind, head, pooled, deterministic, head_rng)
+    y = apply_head(spec.head_kind, head, pooled, deterministic, head_rng,
+                   dropout_rate=spec.head_dropout)
     return y[:, 0] if spec.format == "regression" else y
 
 
