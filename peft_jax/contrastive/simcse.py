@@ -1,0 +1,261 @@
+"""Unsupervised SimCSE (Gao et al. 2021) through the shared training system.
+
+Each batch of ``b`` sentences is run twice in one forward pass (``[2b, l]``) with dropout
+on; the two dropout views of a sentence are positives, the other ``b - 1`` sentences'
+views in-batch negatives (:func:`peft_jax.contrastive.losses.unsup_simcse_loss`). An MLP
+projection head over the pooled output (part of the delta, key ``head``) is used in
+training only; embeddings come from the pooled output without it (SimCSE's
+``mlp_only_train``).
+
+What trains is decided like every other run: PEFT methods (e.g. LoRA -> "LoRA-SimCSE") fill
+the model's slots and their delta trains with the head; ``full_finetune=True`` also trains
+every base leaf (``peft.partition.full_finetuning_patterns``). The step is
+``train.step.make_train_step`` and the loop ``train.loop.run_loop``; with a ``mesh`` the
+batch is sharded on its leading axis and the loss is computed on the global arrays, so the
+in-batch negatives are those of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from peft_jax.contrastive.embed import Embedder, embed_outputs, make_tokenizer
+from peft_jax.contrastive.losses import contrastive_accuracy, unsup_simcse_loss
+from peft_jax.models.slots import Slots
+from peft_jax.peft import heads
+from peft_jax.peft.partition import assemble, full_finetuning_patterns, split_trainable
+from peft_jax.train.loop import LoopConfig, LoopResult, run_loop
+from peft_jax.train.step import TrainState, jit_train_step, make_train_step
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCSEConfig:
+    """Hyper-parameters of an unsupervised SimCSE run (SimCSE defaults where they apply)."""
+
+    pooling: str = "cls"            # SimCSE unsup-BERT: cls + MLP head in training only
+    temperature: float = 0.05
+    use_head: bool = True           # MLP (dense + tanh) over the pooled output, training only
+    max_length: int = 32
+    batch_size: int = 64
+    steps: int = 200
+    learning_rate: float = 3e-5     # full fine-tuning; LoRA usually wants ~1e-3..5e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = None
+    dropout: Optional[float] = None  # override the model's dropout (fields named *dropout)
+    seed: int = 42
+    log_every: int = 10
+
+
+# ----------------------------------------------------------------------------- head
+
+def init_head(rng: Array, d: int) -> dict:
+    """SimCSE's MLP (``peft.heads`` "projection": ``tanh(x @ W + b)``, ``[b, d] -> [b, d]``)."""
+    return heads.init_head("projection", d, None, rng)
+
+
+def apply_head(head: dict, x: Array) -> Array:
+    return heads.apply_head("projection", head, x)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def make_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_head: bool = True
+                 ) -> Callable:
+    """``loss_fn(variables, batch, dropout_rng, deterministic) -> (loss, metrics)`` for
+    :func:`peft_jax.train.step.make_train_step`. batch: ``input_ids``, ``attention_mask``
+    ``[b, l]`` and optional ``valid [b]`` (0 = padding row)."""
+
+    def loss_fn(variables: dict, batch: dict, rng: Array, deterministic: bool):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        both_ids = jnp.concatenate([ids, ids], axis=0)        # [2b, l]: two dropout views
+        both_mask = jnp.concatenate([mask, mask], axis=0)
+        z = embed_outputs(model, model_variables(variables), both_ids, both_mask, pooling,
+                          rngs={"dropout": rng}, deterministic=deterministic)
+        if use_head:
+            z = apply_head(variables["peft"]["head"], z)
+        b = ids.shape[0]
+        z1, z2 = z[:b], z[b:]
+        loss = unsup_simcse_loss(z1, z2, temperature, valid=batch.get("valid"))
+        return loss, {"accuracy": contrastive_accuracy(z1, z2)}
+
+    return loss_fn
+
+
+def model_variables(variables: dict) -> dict:
+    """Variables for the model itself: the training-only ``head`` removed from the delta."""
+    delta = {k: v for k, v in variables.get("peft", {}).items() if k != "head"}
+    out = {"params": variables["params"]}
+    if delta:
+        out["peft"] = delta
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+class SentenceBatches:
+    """Endless shuffled fixed-shape batches of tokenized sentences (``[b, max_length]``);
+    resumable: ``get_state()`` / ``set_state(state)`` give/restore ``(epoch, position)``."""
+
+    def __init__(self, token_ids: Sequence[Sequence[int]], batch_size: int, max_length: int,
+                 pad_id: int, seed: int = 0):
+        if len(token_ids) < batch_size:
+            raise ValueError(f"SimCSE needs at least batch_size={batch_size} sentences, "
+                             f"got {len(token_ids)}")
+        self.ids = [list(t)[:max_length] for t in token_ids]
+        self.batch_size, self.max_length, self.pad_id, self.seed = batch_size, max_length, pad_id, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["position"])
+        self._order = self._perm(self.epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.pos + self.batch_size > len(self._order):  # drop the ragged tail of an epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._perm(self.epoch)
+        rows = self._order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        ids = np.full((self.batch_size, self.max_length), self.pad_id, np.int32)
+        mask = np.zeros((self.batch_size, self.max_length), np.int32)
+        for r, i in enumerate(rows):
+            t = self.ids[i]
+            ids[r, :len(t)] = t
+            mask[r, :len(t)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def unlabelled_sentences(source: str, split: str = "train", data_dir: Optional[str] = None,
+                         limit: Optional[int] = None) -> list[str]:
+    """Unique sentences for unsupervised training: a text file (one sentence per line) or a
+    ``peft_jax.data`` task name (every text field of every example of ``split``; labels are
+    not read). ``limit``: keep the first ``limit`` unique sentences."""
+    import os
+    if os.path.isfile(source):
+        from peft_jax.contrastive.embed import read_sentences
+        sents = read_sentences(source)
+    else:
+        from peft_jax.data import get_task
+        task = get_task(source)
+        sents = [" ".join(str(ex[f]).split()) for ex in task.load(split, data_dir)
+                 for f in task.text_fields if ex.get(f)]
+    sents = list(dict.fromkeys(s for s in sents if s))
+    return sents[:limit] if limit else sents
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclasses.dataclass
+class SimCSEResult:
+    model: Any             # the model with its slots (embedding without the head)
+    variables: dict        # {"params": base, "peft": delta} (head removed)
+    head: Optional[dict]
+    loop: LoopResult
+
+    def embedder(self, tokenizer: Any, pooling: str, **kw) -> Embedder:
+        return Embedder(self.model, self.variables, tokenizer, pooling=pooling, **kw)
+
+
+def with_dropout(config: Any, rate: Optional[float]) -> Any:
+    """``config`` with every ``*dropout`` field set to ``rate`` (None: unchanged)."""
+    if rate is None:
+        return config
+    names = [f.name for f in dataclasses.fields(config) if f.name.endswith("dropout")]
+    if not names:
+        raise ValueError(f"{type(config).__name__} has no dropout fields; SimCSE needs dropout "
+                         "noise (use a PEFT method with dropout, e.g. LoRA dropout)")
+    return dataclasses.replace(config, **{n: float(rate) for n in names})
+
+
+def learning_rate_schedule(cfg: SimCSEConfig) -> optax.Schedule:
+    """Linear warmup over ``warmup_steps``, then linear decay to 0 at ``steps`` (SimCSE)."""
+    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.steps - cfg.warmup_steps, 1))
+    if not cfg.warmup_steps:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                 decay], [cfg.warmup_steps])
+
+
+def train_simcse(pretrained: Any, sentences: Sequence[str], cfg: SimCSEConfig = SimCSEConfig(),
+                 methods: Sequence[Any] = (), full_finetune: bool = False,
+                 mesh: Any = None, eval_fn: Optional[Callable[[Embedder], dict]] = None,
+                 eval_every: int = 0, progress: bool = False) -> SimCSEResult:
+    """Train unsupervised SimCSE on ``sentences``.
+
+    ``pretrained``: a :class:`peft_jax.models.registry.Pretrained`; ``methods``: PEFT method
+    configs (the delta is made by ``peft_jax.peft.init_delta``); ``full_finetune``: also
+    train every base leaf. ``eval_fn(embedder) -> metrics`` runs every ``eval_every`` steps
+    and at the end (e.g. STS-B dev Spearman).
+    """
+    if not methods and not full_finetune:
+        raise ValueError("train_simcse: nothing to train; give PEFT methods or full_finetune=True")
+    config = with_dropout(pretrained.config, cfg.dropout)
+    pre = dataclasses.replace(pretrained, config=config)
+    model = pre.build(Slots(tuple(methods)))
+    tokenizer = make_tokenizer(pre.tokenizer, cfg.max_length)
+    batches = SentenceBatches(tokenizer.encode(list(sentences)), cfg.batch_size, cfg.max_length,
+                              tokenizer.pad_id, cfg.seed)
+    rng = jax.random.PRNGKey(cfg.seed)
+    rng, delta_rng, head_rng = jax.random.split(rng, 3)
+    base = jax.tree.map(jnp.asarray, pre.base)
+    delta: dict = {}
+    if methods:
+        from peft_jax.peft import init_delta
+        example = next(SentenceBatches(tokenizer.encode(list(sentences[:cfg.batch_size])),
+                                       cfg.batch_size, cfg.max_length, tokenizer.pad_id))
+        delta = dict(init_delta(model, base, example, delta_rng))
+    head = None
+    if cfg.use_head:
+        head = init_head(head_rng, pre.d_model)
+        delta["head"] = head
+    trainable, frozen = split_trainable(base, delta,
+                                        full_finetuning_patterns() if full_finetune else ())
+    tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+    if cfg.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    step = make_train_step(make_loss_fn(model, cfg.pooling, cfg.temperature, cfg.use_head),
+                           assemble, tx)
+    if mesh is not None:
+        from peft_jax.parallel.mesh import replicate, shard_batch
+        trainable, frozen = replicate(trainable, mesh), replicate(frozen, mesh)
+        shard = lambda b: shard_batch(b, mesh)
+    else:
+        shard = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    state = TrainState.create(trainable, tx, rng)
+    train_step = jit_train_step(step)
+
+    def variables_of(st: TrainState) -> dict:
+        return model_variables(assemble(frozen, st.trainable))
+
+    loop_eval = None
+    if eval_fn is not None:
+        loop_eval = lambda st: eval_fn(Embedder(model, variables_of(st), tokenizer,
+                                                pooling=cfg.pooling))
+    result = run_loop(state=state, frozen=frozen, train_step=train_step, batches=batches,
+                      shard=shard, eval_fn=loop_eval,
+                      cfg=LoopConfig(total_steps=cfg.steps, log_every=cfg.log_every,
+                                     eval_every=eval_every, progress=progress),
+                      examples_per_step=cfg.batch_size,
+                      meta_fn=lambda: {"data": batches.get_state()})
+    variables = variables_of(result.state)
+    head_out = (assemble(frozen, result.state.trainable)["peft"].get("head")
+                if cfg.use_head else None)
+    return SimCSEResult(model=model, variables=variables, head=head_out, loop=result)
