@@ -244,6 +244,27 @@ def test_prefix_tuning_both_directions_llama(fam_llama, tmp_path):
     assert f.compare(f.ours([info["method"]], delta), f.theirs(pm)) <= TOL
 
 
+def test_prefix_tuning_seq2seq_refused_both_directions(tmp_path):
+    """T5 (SEQ_2_SEQ_LM) prefix adapters use HF's doubled two-submodule layout, which a
+    per-layer delta cannot be written in: export and import raise NotImplementedError."""
+    from peft_jax.models import t5
+    k = np.ones((3, 2, 4), np.float32)
+    delta = {"decoder": {"layer_0": {"attention": {"prefix_key": k, "prefix_value": 2 * k}}}}
+    with pytest.raises(NotImplementedError, match="SEQ_2_SEQ_LM"):
+        H.export_hf_peft(str(tmp_path / "ours"), delta, "prefix", task_type="SEQ_2_SEQ_LM")
+    assert not os.path.exists(tmp_path / "ours")
+
+    config = t5.T5Config.tiny()
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**config.to_hf())).eval()
+    pm = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                         num_virtual_tokens=3))
+    pm.save_pretrained(str(tmp_path / "hf"))
+    attn = [f"decoder/layer_{i}/attention" for i in range(config.num_decoder_layers)]
+    with pytest.raises(NotImplementedError, match="adapter_config.json.*SEQ_2_SEQ_LM"):
+        H.import_hf_peft(str(tmp_path / "hf"), attention_paths=attn)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

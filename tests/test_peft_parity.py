@@ -285,6 +285,44 @@ def test_prefix_tuning_parity_llama(projection):
     _assert_changes(llama.LlamaModel, config, base, "llama", "logits", out)
 
 
+@pytest.mark.parametrize("model_type,task", [("bert", "FEATURE_EXTRACTION"),
+                                             ("roberta", "FEATURE_EXTRACTION")])
+def test_prefix_tuning_parity_bert(model_type, task):
+    """HF BERT/RoBERTa receive the prefix as past_key_values and shift position ids by its
+    length; ours offsets positions by ``slots.kv_prefix_length``."""
+    config = bert.BertConfig.tiny(model_type=model_type)
+    torch.manual_seed(0)
+    cls = transformers.RobertaModel if model_type == "roberta" else transformers.BertModel
+    hf_cfg = (transformers.RobertaConfig if model_type == "roberta" else transformers.BertConfig)
+    hf = cls(hf_cfg(**config.to_hf())).eval()
+    base = bert.params_from_hf(_np(hf.state_dict()), config)
+    n_virtual, n_layers = 3, config.num_layers
+    pm = hf_peft.get_peft_model(hf, hf_peft.PrefixTuningConfig(
+        task_type=task, num_virtual_tokens=n_virtual)).eval()
+    method = P.PrefixTuning(n_virtual)
+    model = bert.BertModel(config, slots=Slots((method,)))
+    ids = IDS if model_type == "bert" else np.where(MASK == 1, IDS, config.pad_token_id)
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(MASK, jnp.int32)}
+    delta = P.init_delta(model, base, batch, jax.random.PRNGKey(0))
+    mods = _modules_with(delta, "prefix_key")
+    assert [p for p, _ in mods] == [f"encoder/layer_{i}/attention" for i in range(n_layers)]
+    g = torch.Generator().manual_seed(1)
+    emb = pm.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.copy_(torch.randn(emb.shape, generator=g))
+    w = emb.detach().numpy().reshape(n_virtual, n_layers, 2, config.num_heads, -1)
+    for i, (_, attn) in enumerate(mods):
+        attn["prefix_key"], attn["prefix_value"] = jnp.asarray(w[:, i, 0]), jnp.asarray(w[:, i, 1])
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(MASK)
+                    ).last_hidden_state.numpy()
+    out = model.apply({"params": base, "peft": delta}, **batch)["hidden_states"]
+    _report(f"prefix tuning P={n_virtual} on {model_type} ({task})", out, theirs,
+            np.broadcast_to(MASK[..., None], theirs.shape))
+    plain = np.asarray(bert.BertModel(config).apply({"params": base}, **batch)["hidden_states"])
+    assert float(np.max(np.abs(plain - np.asarray(out)))) > 1e-3
+
+
 def test_prefix_tuning_parity_t5():
     """HF PEFT gives T5 prefixes to the decoder self-attention only (the encoder gets no
     past_key_values and the cross-attention cache is reset); the per-layer tensors come

@@ -146,6 +146,14 @@ def _prefix_tensor(delta):
     return np.concatenate(blocks, axis=1), len(keys), shape
 
 
+_SEQ2SEQ_PREFIX = (
+    "prefix tuning for encoder-decoder (T5, task_type='SEQ_2_SEQ_LM') adapters is not "
+    "supported by HF PEFT export/import: HF duplicates the flat prefix for two transformer "
+    "submodules and gives decoder self-attention layer i the blocks 4i, 4i+1 of that doubled "
+    "list (so layers i and i + num_layers/2 share one prefix); an independent per-layer delta "
+    "cannot be written in that layout. Keep the delta in peft_jax's own format.")
+
+
 def _ia3_tensors(delta, hf_module_name, module_prefix, feedforward):
     scales = _leaves_named(delta, lambda n: n == "ia3_scale")
     if not scales:
@@ -216,6 +224,8 @@ def export_hf_peft(folder: str, delta: Any, kind: str, *,
                    prompt_tuning_init_text=None, tokenizer_name_or_path=None,
                    tokenizer_kwargs=None)
     elif kind == "prefix":
+        if task_type == "SEQ_2_SEQ_LM":
+            raise NotImplementedError(_SEQ2SEQ_PREFIX)
         emb, n_layers, (n_tok, h_kv, dh) = _prefix_tensor(delta)
         if num_layers is not None and num_layers != n_layers:
             raise ValueError(f"export prefix: num_layers={num_layers} but the delta has "
@@ -411,6 +421,8 @@ def import_hf_peft(folder: str, *, base: Any = None,
             from peft_jax.peft.prompt import PromptTuning
             info["method"] = PromptTuning(length=n_tok, placement="prefix")
         else:
+            if cfg.get("task_type") == "SEQ_2_SEQ_LM" or cfg.get("num_transformer_submodules") == 2:
+                raise NotImplementedError(f"{cpath}: " + _SEQ2SEQ_PREFIX)
             # prefix_projection=True adapters are saved materialized too (HF runs the MLP
             # at save time), so both read the same way.
             n_layers, h = int(cfg["num_layers"]), int(cfg["num_attention_heads"])
