@@ -130,19 +130,8 @@ class BertConfig:
                                   "supported (must be an activation name)")
         defaults = _HF_DEFAULTS[model_type]
 
-        def field(name: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
-            if cfg.get(name) is None:
-                if default is dataclasses.MISSING:
-                    raise CheckpointError(f"{source}: missing config field {name!r}")
-                return default
-            try:
-                value = kind(cfg[name])
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{source}: config field {name}={cfg[name]!r} is not "
-                                      f"a valid {kind.__name__}") from None
-            if kind is int and value != cfg[name]:
-                raise CheckpointError(f"{source}: config field {name}={cfg[name]!r} is not an integer")
-            return value
+        def field(name: str, kind: type, default: Any = hf_io.MISSING) -> Any:
+            return hf_io.config_field(cfg, name, kind, default, source)
 
         def optional_int(name: str) -> Optional[int]:
             v = cfg.get(name, defaults[name])

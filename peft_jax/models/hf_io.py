@@ -112,6 +112,28 @@ def save_safetensors(folder: str, tensors: Mapping[str, Any], config: Mapping[st
         json.dump(dict(config), f, indent=2, sort_keys=True)
 
 
+MISSING = object()
+
+
+def config_field(cfg: Mapping[str, Any], name: str, kind: type, default: Any = MISSING,
+                 source: str = "config.json") -> Any:
+    """``cfg[name]`` converted to ``kind`` (``default`` when absent or null); a missing
+    required field or a value of the wrong type is a CheckpointError naming the field."""
+    if cfg.get(name) is None:
+        if default is MISSING:
+            raise CheckpointError(f"{source}: missing config field {name!r}")
+        return default
+    value = cfg[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or int(value) != value):
+        raise CheckpointError(f"{source}: config field {name}={value!r} is not an integer")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: config field {name}={value!r} is not "
+                              f"a valid {kind.__name__}") from None
+
+
 def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple, source: str = "") -> np.ndarray:
     """Fetch tensor ``name`` and check its shape, naming it in any error."""
     if name not in tensors:

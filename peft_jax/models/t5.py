@@ -153,19 +153,8 @@ class T5Config:
                                   "is not supported; supported: ['t5']")
         hf_io.check_keys(cfg, {"is_decoder": (False,)}, source)
 
-        def field(name: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
-            if cfg.get(name) is None:
-                if default is dataclasses.MISSING:
-                    raise CheckpointError(f"{source}: missing config field {name!r}")
-                return default
-            value = cfg[name]
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise CheckpointError(f"{source}: config field {name}={value!r} is not an integer")
-            try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{source}: config field {name}={value!r} is not "
-                                      f"a valid {kind.__name__}") from None
+        def field(name: str, kind: type, default: Any = hf_io.MISSING) -> Any:
+            return hf_io.config_field(cfg, name, kind, default, source)
 
         ffp = field("feed_forward_proj", str, "relu")
         try:
