@@ -9,6 +9,12 @@ unlabelled sentences of the STS-B *train* split, and the same scores again.
     python benchmarks/sts_table.py --models minilm                   # one model per process
     python benchmarks/sts_table.py --models smollm2
     python benchmarks/sts_table.py --report                          # markdown of all results
+    python benchmarks/sts_table.py --models minilm --supervised      # + supervised SimCSE row
+
+``--supervised`` adds a row trained with supervised SimCSE (same PEFT method, steps, batch
+and learning rate) on SICK-E *train* NLI triplets (premise, entailment, contradiction; a
+premise without a contradiction gets its neutral hypothesis, else a random other one:
+``--missing-negative``, see :mod:`peft_jax.contrastive.nli`).
 
 Results: benchmarks/results/sts_<model>.json and sts_table.md. ``--quick`` is a smoke run.
 """
@@ -53,7 +59,8 @@ def _scores(lookup, task_pairs, sents):
     return res
 
 
-def run_model(name: str, quick: bool = False, method: str = "lora") -> dict:
+def run_model(name: str, quick: bool = False, method: str = "lora", supervised: bool = False,
+              missing_negative: str = "random") -> dict:
     from peft_jax.models.registry import load_pretrained
     s = json.loads(json.dumps(SETTINGS[name]))
     if quick:
@@ -96,8 +103,32 @@ def run_model(name: str, quick: bool = False, method: str = "lora") -> dict:
     out["rows"][f"simcse_{method}"] = _scores(dict(zip(sents, trained.raw(sents))), task_pairs, sents)
     print(f"[{name}] simcse-{method} ({cfg.steps} steps, {out['simcse_train_s']:.0f}s): "
           f"{sts_eval.format_results(out['rows'][f'simcse_{method}'])}", flush=True)
+    if supervised:
+        _supervised_row(out, pre, s, cfg, method, tok, task_pairs, sents, missing_negative)
     out["total_s"] = time.time() - t0
     return out
+
+
+def _supervised_row(out, pre, s, cfg, method, tok, task_pairs, sents, missing_negative) -> None:
+    from peft_jax.contrastive import nli
+    name, row = out["model"], f"sup_simcse_{method}"
+    triplets = nli.load_triplets("sick-e", "train", missing_negative=missing_negative)
+    out["sup_triplets"] = {"source": "sick-e train", "missing_negative": missing_negative,
+                           "n": len(triplets)}
+    t = time.time()
+    if method == "lora":
+        from peft_jax.peft import LoRA
+        res = simcse.train_simcse_supervised(pre, triplets, cfg, methods=(LoRA(**s["lora"]),),
+                                             progress=True)
+    else:
+        res = simcse.train_simcse_supervised(pre, triplets, cfg, full_finetune=True, progress=True)
+    out["sup_simcse_train_s"] = time.time() - t
+    out["sup_simcse_history"] = res.loop.history
+    trained = Embedder(res.model, res.variables, tok, pooling="mean", batch_size=s["batch_size"])
+    out["rows"][row] = _scores(dict(zip(sents, trained.raw(sents))), task_pairs, sents)
+    print(f"[{name}] sup-simcse-{method} ({cfg.steps} steps, {len(triplets)} SICK-E triplets, "
+          f"{out['sup_simcse_train_s']:.0f}s): {sts_eval.format_results(out['rows'][row])}",
+          flush=True)
 
 
 def report() -> str:
@@ -122,10 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--quick", action="store_true", help="smoke run: 40 pairs per task, 3 steps")
     p.add_argument("--report", action="store_true", help="print/write the markdown table")
+    p.add_argument("--supervised", action="store_true",
+                   help="add a supervised-SimCSE row (SICK-E train NLI triplets)")
+    p.add_argument("--missing-negative", default="random", choices=["drop", "neutral", "random"],
+                   help="hard negative for a premise without a contradiction (--supervised)")
     args = p.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     for name in args.models:
-        r = run_model(name, quick=args.quick, method=args.method)
+        r = run_model(name, quick=args.quick, method=args.method, supervised=args.supervised,
+                      missing_negative=args.missing_negative)
         suffix = "_quick" if args.quick else ""
         with open(os.path.join(RESULTS, f"sts_{name}{suffix}.json"), "w") as f:
             json.dump(r, f, indent=1)

@@ -166,3 +166,158 @@ def test_unlabelled_sentences_from_task_and_file(shared_data, tmp_path):
     path = tmp_path / "s.txt"
     path.write_text("one sentence\n\ntwo sentence\none sentence\n")
     assert simcse.unlabelled_sentences(str(path)) == ["one sentence", "two sentence"]
+
+
+# ----------------------------------------------------------------------------- supervised
+
+from peft_jax.contrastive import nli  # noqa: E402
+from peft_jax.contrastive.losses import sup_simcse_loss  # noqa: E402
+
+SICK_LABELS = ("entailment", "neutral", "contradiction")
+SICK_LIKE = [  # premise p1: ent + con; p2: ent + neutral; p3: ent only; p4: con only
+    {"sentence1": "p1", "sentence2": "p1 ent a", "label": 0},
+    {"sentence1": "p1", "sentence2": "p1 neu", "label": 1},
+    {"sentence1": "p1", "sentence2": "p1 con", "label": 2},
+    {"sentence1": "p1", "sentence2": "p1 ent b", "label": 0},
+    {"sentence1": "p2", "sentence2": "p2 ent", "label": 0},
+    {"sentence1": "p2", "sentence2": "p2 neu", "label": 1},
+    {"sentence1": "p3", "sentence2": "p3 ent", "label": 0},
+    {"sentence1": "p4", "sentence2": "p4 con", "label": 2},
+    {"sentence1": "p1", "sentence2": "p1 con 2", "label": 2},
+]
+
+
+def test_nli_triplets_exact():
+    assert nli.nli_triplets(SICK_LIKE, SICK_LABELS, "drop") == [
+        ("p1", "p1 ent a", "p1 con"), ("p1", "p1 ent b", "p1 con")]
+    assert nli.nli_triplets(SICK_LIKE, SICK_LABELS, "neutral") == [
+        ("p1", "p1 ent a", "p1 con"), ("p1", "p1 ent b", "p1 con"), ("p2", "p2 ent", "p2 neu")]
+    rnd = nli.nli_triplets(SICK_LIKE, SICK_LABELS, "random", seed=3)
+    assert rnd[:3] == nli.nli_triplets(SICK_LIKE, SICK_LABELS, "neutral")
+    assert len(rnd) == 4 and rnd[3][:2] == ("p3", "p3 ent")
+    others = {"p1 ent a", "p1 neu", "p1 con", "p1 ent b", "p1 con 2", "p2 ent", "p2 neu", "p4 con"}
+    assert rnd[3][2] in others
+    assert nli.nli_triplets(SICK_LIKE, SICK_LABELS, "random", seed=3) == rnd  # seeded
+    with pytest.raises(ValueError, match="missing_negative"):
+        nli.nli_triplets(SICK_LIKE, SICK_LABELS, "nope")
+    with pytest.raises(ValueError, match="contradiction"):
+        nli.nli_triplets(SICK_LIKE, ("entailment", "not_entailment"))
+    with pytest.raises(ValueError, match="'label'"):
+        nli.nli_triplets([{"sentence1": "a", "sentence2": "b"}], SICK_LABELS)
+
+
+def test_read_triplets_tsv(tmp_path):
+    path = tmp_path / "t.tsv"
+    path.write_text("sent0\tsent1\thard_neg\na  man\tA person\tNobody\n\nx\ty\tz\n")
+    assert nli.read_triplets_tsv(str(path)) == [("a man", "A person", "Nobody"), ("x", "y", "z")]
+    assert nli.load_triplets(str(path)) == nli.read_triplets_tsv(str(path))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:1: expected 3 tab-separated columns"):
+        nli.read_triplets_tsv(str(bad))
+
+
+def test_sick_triplets_use_same_premise_contradictions(shared_data):
+    from peft_jax.data import get_task
+    task = get_task("sick-e")
+    exs = task.load("train", str(shared_data))
+    label = {(" ".join(e["sentence1"].split()), " ".join(e["sentence2"].split())): e["label"]
+             for e in exs}
+    trip = nli.load_triplets("sick-e", "train", str(shared_data), "drop")
+    assert len(trip) > 100
+    for a, p, n in trip:
+        assert label[(a, p)] == 0 and label[(a, n)] == 2
+
+
+TRIPLETS = [(f"premise {i} topic {i % 7}", f"entailed {i} topic {i % 7} w{i % 3}",
+             f"contradicted {i} not {i % 5}") for i in range(48)]
+
+
+def _triplet_batch(n=8, length=16):
+    tok = WordTokenizer(length)
+    cols = [tok.encode([t[j] for t in TRIPLETS[:n]]) for j in range(3)]
+    return next(simcse.TripletBatches(*cols, n, length, 0, seed=0))
+
+
+def test_triplet_batches_and_resume():
+    tok = WordTokenizer()
+    cols = [tok.encode([t[j] for t in TRIPLETS]) for j in range(3)]
+    a = simcse.TripletBatches(*cols, 16, 16, 0, seed=5)
+    for _ in range(4):  # crosses an epoch boundary (48 / 16 = 3 batches per epoch)
+        next(a)
+    state = a.get_state()
+    want = next(a)
+    b = simcse.TripletBatches(*cols, 16, 16, 0, seed=5)
+    b.set_state(state)
+    got = next(b)
+    assert set(want) == {"input_ids", "attention_mask", "pos_input_ids", "pos_attention_mask",
+                         "neg_input_ids", "neg_attention_mask"}
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    # rows stay aligned: row r's positive/negative are those of the same triplet
+    row0 = [i for i, ids in enumerate(cols[0]) if list(want["input_ids"][0][:len(ids)]) == ids
+            and want["attention_mask"][0].sum() == len(ids)]
+    assert len(row0) == 1
+    n = len(cols[1][row0[0]])
+    assert list(want["pos_input_ids"][0][:n]) == cols[1][row0[0]]
+    with pytest.raises(ValueError, match="differ in length"):
+        simcse.TripletBatches(cols[0], cols[1][:-1], cols[2], 16, 16, 0)
+
+
+def test_supervised_train_step_matches_manual_loss(tiny):
+    """One shared train step on the supervised loss == hand-written value_and_grad of
+    sup_simcse_loss over the three dropout views + SGD."""
+    import optax
+    model = tiny.build()
+    head = simcse.init_head(jax.random.PRNGKey(3), tiny.config.d_model)
+    trainable, frozen = split_trainable(tiny.base, {"head": head}, full_finetuning_patterns())
+    loss_fn = simcse.make_sup_loss_fn(model, "cls_before_pooler", 0.05, hard_negative_weight=0.5)
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_train_step(loss_fn, assemble, tx))
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(4))
+    batch = {k: jnp.asarray(v) for k, v in _triplet_batch().items()}
+    new_state, metrics = step(state, frozen, batch)
+    _, step_rng = jax.random.split(state.rng)
+    b = batch["input_ids"].shape[0]
+
+    def manual(tr):
+        v = assemble(frozen, tr)
+        ids = jnp.concatenate([batch["input_ids"], batch["pos_input_ids"], batch["neg_input_ids"]])
+        mask = jnp.concatenate([batch["attention_mask"], batch["pos_attention_mask"],
+                                batch["neg_attention_mask"]])
+        h = model.apply({"params": v["params"]}, ids, attention_mask=mask, deterministic=False,
+                        rngs={"dropout": step_rng})["hidden_states"][:, 0]
+        dense = v["peft"]["head"]["dense"]
+        z = jnp.tanh(h @ dense["kernel"] + dense["bias"])
+        return sup_simcse_loss(z[:b], z[b:2 * b], z[2 * b:], 0.05, 0.5)
+
+    want, grads = jax.jit(jax.value_and_grad(manual))(trainable)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
+    path = ("encoder", "layer_0", "attention", "query", "kernel")
+    k0, g0, k1 = trainable["params"], grads["params"], new_state.trainable["params"]
+    for p in path:
+        k0, g0, k1 = k0[p], g0[p], k1[p]
+    np.testing.assert_allclose(np.asarray(k1), np.asarray(k0 - 0.1 * g0), rtol=1e-5, atol=1e-6)
+    hb = new_state.trainable["peft"]["head"]["dense"]["kernel"]
+    np.testing.assert_allclose(np.asarray(hb), np.asarray(
+        head["dense"]["kernel"] - 0.1 * grads["peft"]["head"]["dense"]["kernel"]),
+                               rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(g0).max()) > 0
+
+
+def test_lora_supervised_simcse_trains_only_the_delta(tiny):
+    from peft_jax.peft import LoRA
+    cfg = simcse.SimCSEConfig(pooling="mean", steps=4, batch_size=16, max_length=16,
+                              learning_rate=1e-2, log_every=1)
+    res = simcse.train_simcse_supervised(tiny, TRIPLETS, cfg, methods=(LoRA(rank=4, alpha=8.0),))
+    assert res.loop.steps_run == 4 and res.loop.status == "finished"
+    assert all(np.isfinite(h["loss"]) for h in res.loop.history)
+    for a, b in zip(jax.tree.leaves(res.variables["params"]), jax.tree.leaves(tiny.base)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lora_b = res.variables["peft"]["encoder"]["layer_0"]["attention"]["query"]["lora_b"]
+    assert float(jnp.abs(lora_b).max()) > 0
+    assert "head" not in res.variables["peft"] and res.head is not None
+    with pytest.raises(ValueError, match="expected \\(anchor, positive, hard negative\\)"):
+        simcse.train_simcse_supervised(tiny, [("a", "b")], cfg, full_finetune=True)
+    with pytest.raises(ValueError, match="at least batch_size=16 triplets"):
+        simcse.train_simcse_supervised(tiny, TRIPLETS[:5], cfg, full_finetune=True)

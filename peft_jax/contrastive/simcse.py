@@ -13,6 +13,12 @@ every base leaf (``peft.partition.full_finetuning_patterns``). The step is
 ``train.step.make_train_step`` and the loop ``train.loop.run_loop``; with a ``mesh`` the
 batch is sharded on its leading axis and the loss is computed on the global arrays, so the
 in-batch negatives are those of the global batch.
+
+Supervised SimCSE (:func:`train_simcse_supervised`): batches of NLI triplets (anchor,
+entailment positive, contradiction hard negative; :mod:`peft_jax.contrastive.nli`) run as
+``[3b, l]`` in one forward pass with dropout on, loss
+:func:`peft_jax.contrastive.losses.sup_simcse_loss` (in-batch + hard negatives). It shares
+the model/delta/optimizer/loop set-up with the unsupervised path (``_train``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import optax
 
 from peft_jax.contrastive.embed import Embedder, embed_outputs, make_tokenizer
-from peft_jax.contrastive.losses import contrastive_accuracy, unsup_simcse_loss
+from peft_jax.contrastive.losses import contrastive_accuracy, sup_simcse_loss, unsup_simcse_loss
 from peft_jax.models.slots import Slots
 from peft_jax.peft import heads
 from peft_jax.peft.partition import assemble, full_finetuning_patterns, split_trainable
@@ -53,6 +59,7 @@ class SimCSEConfig:
     dropout: Optional[float] = None  # override the model's dropout (fields named *dropout)
     seed: int = 42
     log_every: int = 10
+    hard_negative_weight: float = 0.0  # supervised only (SimCSE's --hard_negative_weight)
 
 
 # ----------------------------------------------------------------------------- head
@@ -86,6 +93,31 @@ def make_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_head: 
         z1, z2 = z[:b], z[b:]
         loss = unsup_simcse_loss(z1, z2, temperature, valid=batch.get("valid"))
         return loss, {"accuracy": contrastive_accuracy(z1, z2)}
+
+    return loss_fn
+
+
+def make_sup_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_head: bool = True,
+                     hard_negative_weight: float = 0.0) -> Callable:
+    """Supervised-SimCSE ``loss_fn(variables, batch, dropout_rng, deterministic)``. batch
+    (from :class:`TripletBatches`): anchor ``input_ids``/``attention_mask``, ``pos_*`` and
+    ``neg_*`` the same, all ``[b, l]``; optional ``valid [b]``. The three views run as one
+    ``[3b, l]`` forward pass."""
+
+    def loss_fn(variables: dict, batch: dict, rng: Array, deterministic: bool):
+        b = batch["input_ids"].shape[0]
+        ids = jnp.concatenate([batch["input_ids"], batch["pos_input_ids"],
+                               batch["neg_input_ids"]], axis=0)             # [3b, l]
+        mask = jnp.concatenate([batch["attention_mask"], batch["pos_attention_mask"],
+                                batch["neg_attention_mask"]], axis=0)
+        z = embed_outputs(model, model_variables(variables), ids, mask, pooling,
+                          rngs={"dropout": rng}, deterministic=deterministic)
+        if use_head:
+            z = apply_head(variables["peft"]["head"], z)
+        z1, z2, z3 = z[:b], z[b:2 * b], z[2 * b:]
+        loss = sup_simcse_loss(z1, z2, z3, temperature, hard_negative_weight,
+                               valid=batch.get("valid"))
+        return loss, {"accuracy": contrastive_accuracy(z1, jnp.concatenate([z2, z3], axis=0))}
 
     return loss_fn
 
@@ -134,13 +166,46 @@ class SentenceBatches:
             self._order = self._perm(self.epoch)
         rows = self._order[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        ids = np.full((self.batch_size, self.max_length), self.pad_id, np.int32)
-        mask = np.zeros((self.batch_size, self.max_length), np.int32)
-        for r, i in enumerate(rows):
-            t = self.ids[i]
+        return self._batch(rows)
+
+    def _batch(self, rows: np.ndarray) -> dict:
+        ids, mask = self._pad([self.ids[i] for i in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _pad(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token lists -> ``input_ids, attention_mask [b, max_length]`` (int32)."""
+        ids = np.full((len(seqs), self.max_length), self.pad_id, np.int32)
+        mask = np.zeros((len(seqs), self.max_length), np.int32)
+        for r, t in enumerate(seqs):
             ids[r, :len(t)] = t
             mask[r, :len(t)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return ids, mask
+
+
+class TripletBatches(SentenceBatches):
+    """Endless shuffled batches of tokenized triplets: ``input_ids``/``attention_mask``
+    (anchors), ``pos_*`` and ``neg_*``, each ``[b, max_length]``; resumable as
+    :class:`SentenceBatches` (same shuffling over triplet indices)."""
+
+    def __init__(self, anchor_ids: Sequence[Sequence[int]], pos_ids: Sequence[Sequence[int]],
+                 neg_ids: Sequence[Sequence[int]], batch_size: int, max_length: int,
+                 pad_id: int, seed: int = 0):
+        if not len(anchor_ids) == len(pos_ids) == len(neg_ids):
+            raise ValueError(f"triplet columns differ in length: anchors {len(anchor_ids)}, "
+                             f"positives {len(pos_ids)}, negatives {len(neg_ids)}")
+        if len(anchor_ids) < batch_size:
+            raise ValueError(f"supervised SimCSE needs at least batch_size={batch_size} "
+                             f"triplets, got {len(anchor_ids)}")
+        super().__init__(anchor_ids, batch_size, max_length, pad_id, seed)
+        self.pos_ids = [list(t)[:max_length] for t in pos_ids]
+        self.neg_ids = [list(t)[:max_length] for t in neg_ids]
+
+    def _batch(self, rows: np.ndarray) -> dict:
+        out = super()._batch(rows)
+        for name, col in (("pos", self.pos_ids), ("neg", self.neg_ids)):
+            ids, mask = self._pad([col[i] for i in rows])
+            out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = ids, mask
+        return out
 
 
 def unlabelled_sentences(source: str, split: str = "train", data_dir: Optional[str] = None,
@@ -205,22 +270,64 @@ def train_simcse(pretrained: Any, sentences: Sequence[str], cfg: SimCSEConfig = 
     train every base leaf. ``eval_fn(embedder) -> metrics`` runs every ``eval_every`` steps
     and at the end (e.g. STS-B dev Spearman).
     """
+    sentences = list(sentences)
+
+    def batches_of(tokenizer: Any, seed: int) -> SentenceBatches:
+        return SentenceBatches(tokenizer.encode(sentences), cfg.batch_size, cfg.max_length,
+                               tokenizer.pad_id, seed)
+
+    return _train("train_simcse", pretrained, cfg, methods, full_finetune, mesh, eval_fn,
+                  eval_every, progress, batches_of,
+                  lambda model: make_loss_fn(model, cfg.pooling, cfg.temperature, cfg.use_head))
+
+
+def train_simcse_supervised(pretrained: Any, triplets: Sequence[Sequence[str]],
+                            cfg: SimCSEConfig = SimCSEConfig(), methods: Sequence[Any] = (),
+                            full_finetune: bool = False, mesh: Any = None,
+                            eval_fn: Optional[Callable[[Embedder], dict]] = None,
+                            eval_every: int = 0, progress: bool = False) -> SimCSEResult:
+    """Train supervised SimCSE on ``triplets`` ``(anchor, positive, hard negative)`` (e.g.
+    :func:`peft_jax.contrastive.nli.load_triplets`); arguments as :func:`train_simcse`, plus
+    ``cfg.hard_negative_weight``. SimCSE's supervised BERT recipe: ``pooling="cls"``,
+    ``batch_size=512``, ``learning_rate=5e-5``, ``max_length=32``, temperature 0.05."""
+    bad = [i for i, t in enumerate(triplets) if len(t) != 3]
+    if bad:
+        raise ValueError(f"triplets[{bad[0]}] has {len(triplets[bad[0]])} fields; expected "
+                         "(anchor, positive, hard negative)")
+    cols = [[t[j] for t in triplets] for j in range(3)]
+
+    def batches_of(tokenizer: Any, seed: int) -> TripletBatches:
+        a, p, n = (tokenizer.encode(c) for c in cols)
+        return TripletBatches(a, p, n, cfg.batch_size, cfg.max_length, tokenizer.pad_id, seed)
+
+    return _train("train_simcse_supervised", pretrained, cfg, methods, full_finetune, mesh,
+                  eval_fn, eval_every, progress, batches_of,
+                  lambda model: make_sup_loss_fn(model, cfg.pooling, cfg.temperature,
+                                                 cfg.use_head, cfg.hard_negative_weight))
+
+
+def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any],
+           full_finetune: bool, mesh: Any, eval_fn: Optional[Callable[[Embedder], dict]],
+           eval_every: int, progress: bool,
+           batches_of: Callable[[Any, int], SentenceBatches],
+           loss_fn_of: Callable[[Any], Callable]) -> SimCSEResult:
+    """Shared set-up and loop: ``batches_of(tokenizer, seed)`` makes the (resumable) batches,
+    ``loss_fn_of(model)`` the loss for :func:`make_train_step`."""
     if not methods and not full_finetune:
-        raise ValueError("train_simcse: nothing to train; give PEFT methods or full_finetune=True")
+        raise ValueError(f"{name}: nothing to train; give PEFT methods or full_finetune=True")
     config = with_dropout(pretrained.config, cfg.dropout)
     pre = dataclasses.replace(pretrained, config=config)
     model = pre.build(Slots(tuple(methods)))
     tokenizer = make_tokenizer(pre.tokenizer, cfg.max_length)
-    batches = SentenceBatches(tokenizer.encode(list(sentences)), cfg.batch_size, cfg.max_length,
-                              tokenizer.pad_id, cfg.seed)
+    batches = batches_of(tokenizer, cfg.seed)
     rng = jax.random.PRNGKey(cfg.seed)
     rng, delta_rng, head_rng = jax.random.split(rng, 3)
     base = jax.tree.map(jnp.asarray, pre.base)
     delta: dict = {}
     if methods:
         from peft_jax.peft import init_delta
-        example = next(SentenceBatches(tokenizer.encode(list(sentences[:cfg.batch_size])),
-                                       cfg.batch_size, cfg.max_length, tokenizer.pad_id))
+        first = batches._batch(batches._order[:cfg.batch_size])  # shapes only; no state change
+        example = {k: first[k] for k in ("input_ids", "attention_mask")}
         delta = dict(init_delta(model, base, example, delta_rng))
     head = None
     if cfg.use_head:
@@ -231,8 +338,7 @@ def train_simcse(pretrained: Any, sentences: Sequence[str], cfg: SimCSEConfig = 
     tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     if cfg.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    step = make_train_step(make_loss_fn(model, cfg.pooling, cfg.temperature, cfg.use_head),
-                           assemble, tx)
+    step = make_train_step(loss_fn_of(model), assemble, tx)
     if mesh is not None:
         from peft_jax.parallel.mesh import replicate, shard_batch
         trainable, frozen = replicate(trainable, mesh), replicate(frozen, mesh)
