@@ -3,7 +3,8 @@
 A row (written by the training runner into each workdir) is
 ``{"name", "status", "config": {dotted key: value}, "metrics": {...}, "best": {...},
 "wall_s", "trainable_params"}``. Value lookup (:func:`row_value`): ``"accuracy"`` or
-``"metrics.accuracy"`` -> final eval metric, ``"best.accuracy"`` -> best eval, ``"wall_s"``,
+``"metrics.accuracy"`` -> final eval metric, ``"best.accuracy"`` -> best eval,
+``"baseline.accuracy"`` -> the untrained delta's eval (written with train.baseline), ``"wall_s"``,
 ``"trainable_params"``, ``"name"``, anything else -> a config key (``"peft.prompt.length"``).
 
 - :func:`collect` finds rows under a folder; :func:`aggregate` groups them by config keys
@@ -34,6 +35,7 @@ import numpy as np
 RESULT_FILE = "result.json"
 TOP_LEVEL = ("name", "status", "wall_s", "trainable_params")
 NO_SOURCE = (None, "", "none", "None", "random")
+SEED_KEYS = ("seed", "train.seed")  # the runner's key (peft_jax.defaults: config.seed), then legacy
 
 
 class ReportError(ValueError):
@@ -66,7 +68,7 @@ def row_value(row: Mapping[str, Any], key: str) -> Any:
     """See the module docstring; missing -> None."""
     if key in TOP_LEVEL:
         return row.get(key)
-    if key.startswith("metrics.") or key.startswith("best."):
+    if key.startswith(("metrics.", "best.", "baseline.")):
         part, _, name = key.partition(".")
         return (row.get(part) or {}).get(name)
     cfg = row.get("config") or {}
@@ -99,6 +101,14 @@ def varying_keys(rows: Sequence[Mapping[str, Any]], exclude: Iterable[str] = ())
 
 def _is_location_key(k: str) -> bool:
     return k in ("workdir", "name") or k.endswith(".workdir")
+
+
+def seed_key_of(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The seed's config key in these rows: the first of SEED_KEYS any row has ("seed" if none)."""
+    for k in SEED_KEYS:
+        if any(k in (r.get("config") or {}) for r in rows):
+            return k
+    return SEED_KEYS[0]
 
 
 def _run_signature(row: Mapping[str, Any]) -> str:
@@ -335,7 +345,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--group-by", action="append", default=[],
                    help="config keys (comma separated); default: keys that vary, minus the seed")
     p.add_argument("--metric", action="append", default=[], help="default: all final metrics")
-    p.add_argument("--seed-key", default="train.seed")
+    p.add_argument("--seed-key", default="", help="default: 'seed' (or 'train.seed' in older rows)")
     p.add_argument("--include-failed", action="store_true")
     p.add_argument("--csv")
     p.add_argument("--md")
@@ -355,6 +365,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         if not rows:
             raise ReportError(f"no finished runs (result.json with status 'finished') under {a.root}")
         metrics = _split(a.metric) or metric_names(rows)
+        a.seed_key = a.seed_key or seed_key_of(rows)
         group_by = _split(a.group_by) or varying_keys(rows, exclude=[a.seed_key])
         table = aggregate(rows, group_by, metrics, seed_key=a.seed_key)
         print(format_table(table, group_by, metrics, a.digits, a.scale))

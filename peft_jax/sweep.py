@@ -3,7 +3,7 @@
 A config declares its sweep in the field ``sweep``, either
 
 - a (nested) mapping whose leaves are lists: the cartesian product, e.g.
-  ``config.sweep = {"peft": {"prompt": {"length": [1, 5, 20, 100, 150]}}, "train": {"seed": [13, 21]}}``
+  ``config.sweep = {"peft": {"prompt": {"length": [1, 5, 20, 100, 150]}}, "seed": [13, 21]}``
   (ml_collections sorts keys, so axes vary in sorted-key order, the last fastest), or
 - a list of dicts with dotted keys, e.g. ``[{"peft.prompt.init": "uniform"}, {...}]``: each
   dict is one grid (its list values are axes; wrap a list-valued parameter as ``[[1, 2]]``);

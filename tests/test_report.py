@@ -144,3 +144,25 @@ def test_report_main(results, tmp_path, capsys):
     assert report_main([str(tmp_path / "o")]) == 2
     assert "no finished runs" in capsys.readouterr().err
     assert json.loads((root / "broken" / "result.json").read_text())["status"] == "failed"
+
+
+def test_report_main_runner_rows_seed_and_baseline(tmp_path, capsys):
+    """Rows as peft_jax.experiment writes them: the seed is config key 'seed' (not 'train.seed')
+    and the untrained eval is under 'baseline'; by default seeds are averaged, not grouped."""
+    root = tmp_path / "runs"
+    accs = {}
+    for length in (2, 5):
+        for seed in (0, 1, 2):
+            acc = 0.6 + 0.1 * length / 5 + 0.01 * seed
+            accs.setdefault(length, []).append(acc)
+            row = {"name": f"l{length}s{seed}", "status": "finished",
+                   "config": {"peft.prompt.length": length, "seed": seed, "workdir": f"/w/{length}/{seed}"},
+                   "metrics": {"accuracy": acc}, "baseline": {"accuracy": 0.5 + 0.01 * seed}}
+            write_result(str(root / f"l{length}s{seed}"), row)
+    assert row_value(row, "baseline.accuracy") == pytest.approx(0.52)
+    assert report_main([str(root), "--metric", "accuracy,baseline.accuracy", "--csv", str(tmp_path / "t.csv")]) == 0
+    assert "6 run(s) in 2 group(s)" in capsys.readouterr().out
+    got = {int(r["peft.prompt.length"]): r for r in csv.DictReader(open(tmp_path / "t.csv"))}
+    for length in (2, 5):
+        assert float(got[length]["accuracy_mean"]) == pytest.approx(np.mean(accs[length]))
+        assert float(got[length]["baseline.accuracy_mean"]) == pytest.approx(0.51)
