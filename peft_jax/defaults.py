@@ -37,6 +37,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.max_length = 128
     c.task.max_train_examples = 0      # 0 = all
     c.task.max_eval_examples = 0
+    c.task.max_test_examples = 0      # 0 = all (a seeded subset otherwise)
+    c.task.demonstrations = ""        # verbalizer format: "" | random | similarity (LM-BFF: one
+                                       # labelled example per class concatenated to every input)
+    c.task.demo_pool = ""             # split the demonstrations come from; "" = train_split
+    c.task.demo_embedder = "minilm"   # similarity demonstrations: sentence encoder (name/folder)
+    c.task.extra_train = ""           # JSONL of extra training rows (pseudo-labelled: "label";
+                                       # distillation: "soft_label" [C] probabilities)
+    c.task.mixture = ""               # multi-task: "mr:all,cr:all" tasks (same label set) mixed
+                                       # into the training examples
+    c.task.mixture_mode = "proportional"  # proportional | temperature | equal
+    c.task.mixture_cap = 0            # examples-proportional cap per task (0 = none)
+    c.task.mixture_temperature = 1.0
+    c.task.mixture_examples = 0       # size of the mixed training list (0 = sum of capped sizes)
     c.task.template = ""               # verbalizer format: "" = the task's default template
     c.task.label_words = ""            # "great,terrible" (one per class, in label order); "" = default
     c.task.file = ml_collections.ConfigDict()   # a user's dataset (task.name = "file")
@@ -92,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 64
     c.train.buckets = (32, 64, 128, 256)
     c.train.resume = True
+    c.train.init_from = ""             # a saved delta folder (intermediate-task fine-tuning):
+                                       # leaves with the same path and shape start from it
     c.train.baseline = True            # also evaluate the untrained delta (before training)
     c.train.progress = True
 
@@ -113,6 +128,11 @@ def validate(cfg) -> None:
     check_choice(cfg, "peft.adapter.placement", ("houlsby", "pfeiffer"))
     check_choice(cfg, "optim.optimizer", ("adamw", "adafactor", "sgd"))
     check_choice(cfg, "optim.schedule", ("constant", "linear", "cosine"))
+    check_choice(cfg, "task.demonstrations", ("", "random", "similarity"))
+    check_choice(cfg, "task.mixture_mode", ("proportional", "temperature", "equal"))
+    if cfg.task.demonstrations and cfg.task.format != "verbalizer":
+        raise ConfigError(f"config.task.demonstrations={cfg.task.demonstrations!r} needs "
+                          f"config.task.format='verbalizer' (got {cfg.task.format!r})")
     methods = method_list(cfg)
     if not methods:
         raise ConfigError("config.peft.methods is empty; choose from " + ", ".join(METHODS))

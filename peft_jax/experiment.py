@@ -139,6 +139,7 @@ class Experiment:
     model: Any               # flax module with slots
     base_id: str
     base_hash: str
+    embedder: Any = None     # similarity demonstrations: sentence encoder, built on first use
 
     @property
     def kind(self) -> str:
@@ -181,15 +182,46 @@ def _label_words(cfg, task) -> Any:
     return [w.split("|") for w in words]  # "great|good,terrible|bad": several words per class
 
 
-def encode_split(exp: Experiment, examples: list) -> Any:
-    """Examples -> ``data.Encoded`` for this experiment's format and model family."""
+def encode_split(exp: Experiment, examples: list, demo_pool: Optional[list] = None) -> Any:
+    """Examples -> ``data.Encoded`` for this experiment's format and model family.
+
+    With ``config.task.demonstrations`` every example gets one demonstration per class from
+    ``demo_pool`` (default: the training split), fixed per example and seed."""
     from peft_jax.data.tokenize import encode_classification, encode_prompt
 
     cfg, tok = exp.cfg, exp.pre.tokenizer
     if cfg.task.format == "verbalizer":
+        demos = None
+        if cfg.task.demonstrations:
+            pool = demo_pool if demo_pool is not None else demonstration_pool(exp)
+            demos = demonstrations_for(exp, examples, pool)
         return encode_prompt(examples, cfg.task.template or None, _label_words(cfg, exp.task), tok,
-                             family=_family(exp.pre), max_len=cfg.task.max_length, task=exp.task)
+                             family=_family(exp.pre), max_len=cfg.task.max_length, task=exp.task,
+                             demonstrations=demos)
     return encode_classification(examples, tok, cfg.task.max_length, task=exp.task)
+
+
+def demonstration_pool(exp: Experiment) -> list:
+    """Labelled examples demonstrations are drawn from (``task.demo_pool`` or the train split)."""
+    return exp.task.load(exp.cfg.task.demo_pool or exp.cfg.task.train_split)
+
+
+def demonstrations_for(exp: Experiment, queries: list, pool: list) -> list:
+    """``[query][class]`` demonstrations (LM-BFF): random within the class, or sampled from
+    the half of the class most similar to the query under ``task.demo_embedder``."""
+    from peft_jax.data.fewshot import select_demonstrations
+
+    cfg = exp.cfg
+    embed_fn = None
+    if cfg.task.demonstrations == "similarity":
+        if exp.embedder is None:
+            from peft_jax.contrastive.embed import load_embedder
+            exp.embedder = load_embedder(cfg.task.demo_embedder, pooling="mean", max_length=128,
+                                         batch_size=64)
+        embed_fn = exp.embedder
+    return select_demonstrations(queries, pool, cfg.seed, cfg.task.demonstrations,
+                                 num_classes=exp.task.num_labels, embed_fn=embed_fn,
+                                 text_fields=exp.task.text_fields)
 
 
 def load_examples(exp: Experiment, split: str, limit: int = 0, seed: int = 0) -> list:
@@ -199,6 +231,68 @@ def load_examples(exp: Experiment, split: str, limit: int = 0, seed: int = 0) ->
         keep = np.sort(rng.choice(len(examples), limit, replace=False))
         examples = [examples[i] for i in keep]
     return examples
+
+
+def read_extra_train(path: str, task: Any) -> list:
+    """Rows of ``task.extra_train`` (JSONL): the task's text fields + ``label`` and/or
+    ``soft_label`` (a list of C probabilities). Errors name the file and line."""
+    from peft_jax.data.readers import DataError
+
+    rows = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{ln}: not JSON ({e.msg})") from None
+            missing = [k for k in task.text_fields if not isinstance(ex.get(k), str)]
+            if missing or ("label" not in ex and "soft_label" not in ex):
+                raise DataError(f"{path}:{ln}: needs text fields {list(task.text_fields)} and "
+                                f"'label' or 'soft_label'; missing {missing or ['label']}")
+            if "soft_label" in ex and len(ex["soft_label"]) != task.num_labels:
+                raise DataError(f"{path}:{ln}: soft_label has {len(ex['soft_label'])} values; "
+                                f"task {task.name} has {task.num_labels} classes")
+            rows.append(ex)
+    return rows
+
+
+def mixture_examples(cfg, task: Any, target: list) -> list:
+    """Training examples of a multi-task run: the target's plus ``task.mixture`` tasks
+    (``name:split``; same number of classes, shared head / verbalizer), mixed at the
+    configured rates (``peft_jax.data.mixtures``)."""
+    from peft_jax import data as D
+
+    parts = [p.strip() for p in cfg.task.mixture.split(",") if p.strip()]
+    examples = {task.name: list(target)}
+    for p in parts:
+        name, _, split = p.partition(":")
+        t = D.get_task(name)
+        if t.num_labels != task.num_labels:
+            raise ConfigError(f"config.task.mixture: {name} has {t.num_labels} classes, "
+                              f"{task.name} has {task.num_labels}; mixed tasks share one head "
+                              "/ verbalizer, so their label sets must match")
+        ex = t.load(split or "train")
+        examples[name] = [{**{f: e[g] for f, g in zip(task.text_fields, t.text_fields)},
+                           "label": e["label"]} for e in ex]
+    sizes = {k: len(v) for k, v in examples.items()}
+    rates = D.mixture_rates(sizes, cfg.task.mixture_mode, cfg.task.mixture_cap or None,
+                            cfg.task.mixture_temperature)
+    cap = cfg.task.mixture_cap
+    n = cfg.task.mixture_examples or sum(min(v, cap) if cap else v for v in sizes.values())
+    return D.mix(examples, rates, n, seed=cfg.seed)
+
+
+def training_examples(exp: Experiment) -> list:
+    """The train split (optionally capped), + extra rows, + multi-task mixture."""
+    cfg = exp.cfg
+    ex = load_examples(exp, cfg.task.train_split, cfg.task.max_train_examples, cfg.seed)
+    if cfg.task.extra_train:
+        ex = ex + read_extra_train(cfg.task.extra_train, exp.task)
+    if cfg.task.mixture:
+        ex = mixture_examples(cfg, exp.task, ex)
+    return ex
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -276,33 +370,43 @@ def assemble_fn(frozen: Any, trainable: Any) -> dict:
 def evaluate(exp: Experiment, spec, predict, trainable: Any, frozen: Any, encoded: Any,
              shard: Callable, batch_size: int) -> dict:
     """Task metrics of the current delta on an encoded split (all rows, padded batches)."""
-    from peft_jax.data import make_batches
     from peft_jax.data.metrics import compute_metrics
+
+    y, lab = predict_encoded(exp, predict, trainable, frozen, encoded, shard, batch_size)
+    if exp.cfg.task.format == "regression":
+        return compute_metrics(exp.task.metrics, y, lab)
+    return compute_metrics(exp.task.metrics, y.argmax(-1), lab, num_classes=exp.task.num_labels)
+
+
+def predict_encoded(exp: Experiment, predict, trainable: Any, frozen: Any, encoded: Any,
+                    shard: Callable, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores ``[n, C]`` or ``[n]``, labels ``[n]``) of every encoded row, in row order."""
+    from peft_jax.data import make_batches
 
     it = make_batches(encoded, batch_size, buckets=tuple(exp.cfg.train.buckets), shuffle=False,
                       drop_remainder=False, num_epochs=1, shard_index=jax.process_index(),
                       shard_count=jax.process_count())
-    preds, labels, keep = [], [], []
+    preds, labels, keep, rows = [], [], [], []
     for batch in it:
         y = predict(trainable, frozen, shard(_model_batch(batch)))
         if jax.process_count() > 1:  # global predictions; every host gets all rows
             from jax.experimental import multihost_utils
             y = np.asarray(multihost_utils.process_allgather(y, tiled=True))
             batch = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
-                     for k in ("label", "example_mask")}
+                     for k in ("label", "example_mask", "row")}
         else:
             y = np.asarray(jax.device_get(y))
         preds.append(y)
         labels.append(batch["label"])
         keep.append(batch["example_mask"] > 0)
-    y = np.concatenate(preds)[np.concatenate(keep)]
-    lab = np.concatenate(labels)[np.concatenate(keep)]
-    if exp.cfg.task.format == "regression":
-        return compute_metrics(exp.task.metrics, y, lab)
-    return compute_metrics(exp.task.metrics, y.argmax(-1), lab, num_classes=exp.task.num_labels)
+        rows.append(batch["row"])
+    k = np.concatenate(keep)
+    order = np.argsort(np.concatenate(rows)[k], kind="stable")   # buckets -> row order
+    return np.concatenate(preds)[k][order], np.concatenate(labels)[k][order]
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "mask_pos")
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "mask_pos",
+              "soft_label")
 
 
 def _model_batch(batch: dict) -> dict:
@@ -374,9 +478,10 @@ def setup(cfg, pretrained: Any = None) -> Session:
     exp = build_experiment(cfg, pretrained)
     c = cfg.train
 
-    train_ex = load_examples(exp, cfg.task.train_split, cfg.task.max_train_examples, cfg.seed)
+    train_ex = training_examples(exp)
     eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples, cfg.seed)
-    train_enc, eval_enc = encode_split(exp, train_ex), encode_split(exp, eval_ex)
+    pool = demonstration_pool(exp) if cfg.task.demonstrations else None
+    train_enc, eval_enc = encode_split(exp, train_ex, pool), encode_split(exp, eval_ex, pool)
     batches = make_batches(train_enc, c.batch_size // max(jax.process_count(), 1),
                            buckets=tuple(c.buckets), seed=cfg.seed,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -387,6 +492,8 @@ def setup(cfg, pretrained: Any = None) -> Session:
     example = next(make_batches(train_enc, 2, buckets=tuple(c.buckets), shuffle=False,
                                 drop_remainder=False, num_epochs=1))
     trainable, frozen = init_trainable(exp, example, k_init)
+    if cfg.train.init_from:
+        trainable = init_from_delta(trainable, cfg.train.init_from, exp)
     tx = make_tx(cfg, trainable)
     state = TrainState.create(trainable, tx, k_train)
 
@@ -407,6 +514,36 @@ def setup(cfg, pretrained: Any = None) -> Session:
                    tx=tx, batches=batches, train_enc=train_enc, eval_enc=eval_enc,
                    n_train=len(train_ex), n_eval=len(eval_ex), predict=predict,
                    shard=lambda b: shard_batch(_model_batch(b), mesh), meta_base=meta_base)
+
+
+def init_from_delta(trainable: Any, folder: str, exp: Experiment) -> Any:
+    """Start from a saved delta (intermediate-task fine-tuning): every trainable leaf whose
+    path and shape appear in ``folder`` takes the saved value; the rest (e.g. a head for
+    another number of classes) keep their fresh initialization. The delta must belong to
+    the same base model."""
+    from peft_jax.peft.delta_io import flatten_delta, load_delta, unflatten_delta
+
+    saved, _ = load_delta(folder, base_id=exp.base_id, base_hash=exp.base_hash)
+    src = flatten_delta(saved)
+    flat = flatten_delta(jax.device_get(trainable))
+    taken = [k for k, v in flat.items() if k in src and np.shape(src[k]) == np.shape(v)]
+    if not taken:
+        raise ConfigError(f"config.train.init_from={folder!r}: no leaf of the saved delta "
+                          f"matches this run's trainable parameters (saved: {sorted(src)[:4]}...)")
+    out = {k: (np.asarray(src[k], np.asarray(v).dtype) if k in taken else v) for k, v in flat.items()}
+    skipped = sorted(set(flat) - set(taken))
+    print(f"[peft_jax] init_from {folder}: {len(taken)} leaves loaded"
+          + (f", {len(skipped)} fresh ({', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''})"
+             if skipped else ""), flush=True)
+    return jax.tree.map(jnp.asarray, unflatten_delta(out))
+
+
+def predict_scores(s: "Session", trainable: Any, examples: list) -> np.ndarray:
+    """Class scores ``[n, C]`` (or regression values ``[n]``) of ``examples``, in order."""
+    enc = encode_split(s.exp, examples)
+    y, _ = predict_encoded(s.exp, s.predict, trainable, s.frozen, enc, s.shard,
+                           s.exp.cfg.train.eval_batch_size)
+    return y
 
 
 def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
@@ -478,20 +615,36 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         "train_wall_s": result_loop.wall_s, "compilations": result_loop.compilations,
         "resumed_from": resumed_from,
     }
+    selected = result_loop.state.trainable
+    if result_loop.status == "finished" and best is not None:
+        # model selection (e.g. LM-BFF: the dev-set best step) for the test evaluation
+        sel = DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
+        try:
+            step = sel.best_step()
+            if step is not None:
+                best_state, _ = sel.restore(s.abstract_state(), meta_base, step=step)
+                selected = best_state.trainable
+                result["selected_step"] = int(step)
+        finally:
+            sel.close()
     if result_loop.status == "finished" and cfg.task.test_split:
-        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split))
-        result["test"] = s.evaluate(result_loop.state.trainable, test_enc)
+        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split,
+                                                   cfg.task.max_test_examples, cfg.seed))
+        result["test"] = s.evaluate(selected, test_enc)
     if main:
         if result_loop.status == "finished":
             from peft_jax.peft.delta_io import save_delta
-            # the whole trainable tree: the delta ("peft") and any trained base leaves ("params")
+            # the whole trainable tree: the delta ("peft") and any trained base leaves ("params");
+            # the selected step's under train.best_metric, else the last
             save_delta(os.path.join(cfg.workdir, "delta"),
-                       jax.device_get(result_loop.state.trainable), base_id=exp.base_id,
+                       jax.device_get(selected), base_id=exp.base_id,
                        base_hash=exp.base_hash, methods=exp.methods, overwrite=True)
         _write_json(os.path.join(cfg.workdir, "result.json"), result)
         print(results_table(result), flush=True)
     result["state"] = result_loop.state
     result["frozen"] = frozen
+    result["selected"] = selected
+    result["session"] = s
     return result
 
 

@@ -204,20 +204,3 @@ def test_demonstrations_fit_the_length_limit(minilm_path):
     for w in ("terrible", "great"):
         wid = tok.convert_tokens_to_ids(w)
         assert np.all((ids == wid).sum(1) >= 1), w
-
-
-# ----------------------------------------------------------------------------- CLI configs
-
-
-def test_method_configs_validate_and_differ_per_seed():
-    from peft_jax import defaults
-    from peft_jax.fewshot.cli import METHODS, method_config
-    for m in METHODS:
-        cfgs = [method_config(m, "lmbff/sst2", s, "smollm2", 8, 100, "/tmp/x", 1e-3) for s in (13, 42)]
-        for c in cfgs:
-            defaults.validate(c)
-        assert cfgs[0].task.train_split == "train-13" and cfgs[1].task.train_split == "train-42"
-        assert cfgs[0].workdir != cfgs[1].workdir
-    assert method_config("head", "lmbff/cr", 13, "minilm", 8, 100, "/tmp/x", 1e-3).task.format == "classification"
-    with pytest.raises(ValueError, match="--method"):
-        method_config("nope", "lmbff/sst2", 13, "smollm2", 8, 100, "/tmp/x", 1e-3)

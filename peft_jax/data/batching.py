@@ -164,6 +164,7 @@ def collate(encoded: Encoded, rows: np.ndarray, length: int, target_len: int = 0
         v[~valid] = 0
         out[key] = v
     out["idx"] = np.where(valid, encoded.scalars["idx"][take] if "idx" in encoded.scalars else rows, -1)
+    out["row"] = np.where(valid, rows, -1).astype(np.int64)   # position in ``encoded``
     out["example_mask"] = valid.astype(np.int32)
     return out
 

@@ -160,9 +160,37 @@ def _common_scalars(examples, task) -> dict[str, np.ndarray]:
     label, has = _labels(examples, task)
     out = {"label": label, "has_label": has,
            "idx": np.array([int(ex.get("idx", i)) for i, ex in enumerate(examples)], np.int64)}
+    soft = _soft_labels(examples, label)
+    if soft is not None:
+        out["soft_label"] = soft
     if task is not None and task.kind == "regression" and task.label_range:
         lo, hi = task.label_range
         out["label_scaled"] = ((label - lo) / (hi - lo)).astype(np.float32)
+    return out
+
+
+def _soft_labels(examples: Sequence[Mapping], label: np.ndarray) -> Optional[np.ndarray]:
+    """``[n, C]`` class distributions when any example has ``soft_label`` (PET distillation);
+    examples without one get the one-hot of their ``label``. None when no example has one."""
+    rows = [ex.get("soft_label") for ex in examples]
+    given = [i for i, r in enumerate(rows) if r is not None]
+    if not given:
+        return None
+    c = len(rows[given[0]])
+    out = np.zeros((len(examples), c), np.float32)
+    for i, r in enumerate(rows):
+        if r is None:
+            y = int(label[i]) if label.dtype.kind == "i" else -1
+            if not 0 <= y < c:
+                raise DataError(f"example {i}: no soft_label and label {examples[i].get('label')!r} "
+                                f"is not a class in [0, {c})")
+            out[i, y] = 1.0
+            continue
+        r = np.asarray(r, np.float64)
+        if r.shape != (c,) or not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-3:
+            raise DataError(f"example {i}: soft_label {r.tolist()} must be {c} non-negative "
+                            "probabilities summing to 1")
+        out[i] = r
     return out
 
 

@@ -94,6 +94,9 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
            rng: Optional[Array] = None) -> Array:
     """Class logits ``[b, c]`` (classification / verbalizer) or predictions ``[b]`` (regression)."""
     mvars, head = model_variables(variables)
+    if (spec.format == "verbalizer" and spec.kind == "decoder"
+            and len(spec.label_word_ids[0][0]) > 1):
+        return _causal_multi_token(model, spec, mvars, batch, deterministic, rng)
     out = _apply_model(model, spec, mvars, batch, deterministic, rng)
     if spec.format == "verbalizer":
         logits = out["logits"]
@@ -114,6 +117,24 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
     y = apply_head(spec.head_kind, head, pooled, deterministic, head_rng,
                    dropout_rate=spec.head_dropout)
     return y[:, 0] if spec.format == "regression" else y
+
+
+def _causal_multi_token(model, spec: FormatSpec, mvars: dict, batch: dict, deterministic: bool,
+                        rng: Optional[Array]) -> Array:
+    """Class scores ``[b, C]`` of multi-token label words for a causal LM: every candidate
+    word teacher-forced after the prompt and scored by the sum of its tokens' log-probs
+    (:func:`peft_jax.fewshot.scoring.multi_token_scores`); one forward per candidate word."""
+    from peft_jax.fewshot.scoring import multi_token_scores
+
+    rngs = {} if deterministic or rng is None else {"dropout": rng}
+    shift = inserted_before(spec.methods)
+
+    def logits_fn(ids, mask):
+        out = model.apply(mvars, ids, mask, deterministic=deterministic, rngs=rngs)["logits"]
+        return out[:, shift:] if shift else out   # back to input positions
+
+    return multi_token_scores(logits_fn, batch["input_ids"], batch["attention_mask"],
+                              batch["mask_pos"][:, 0], jnp.asarray(spec.label_word_ids, jnp.int32))
 
 
 def label_word_scores(logits: Array, pos: Array, label_word_ids: Array, causal: bool) -> Array:
@@ -149,7 +170,10 @@ def make_loss_fn(model, spec: FormatSpec) -> Callable:
         w = batch.get("example_mask")
         if spec.format == "regression":
             return losses.regression_loss(y, batch["label"], w), {}
-        loss = losses.classification_loss(y, batch["label"], w)
+        if "soft_label" in batch:  # distillation targets (PET); one-hot rows for gold labels
+            loss = losses.soft_label_loss(y, batch["soft_label"], w)
+        else:
+            loss = losses.classification_loss(y, batch["label"], w)
         hit = (jnp.argmax(y, -1) == batch["label"]).astype(jnp.float32)
         acc = jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1) if w is not None else jnp.mean(hit)
         return loss, {"train_accuracy": acc}

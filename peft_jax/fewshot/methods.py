@@ -1,0 +1,369 @@
+"""Few-shot methods under one protocol (LM-BFF): one seed -> one ``result.json`` row.
+
+Every trained method is the config-driven runner (:func:`peft_jax.experiment.run_experiment`)
+with the method's overrides: train on ``train-<seed>`` (K per class), evaluate on
+``dev-<seed>`` (same size) every few steps and keep the best step, then test that step on a
+fixed subset of the task's test file (the same subset for every seed and method). A row's
+``metrics`` are the test metrics, ``dev`` the selected dev metrics.
+
+Methods (``METHODS``):
+
+====================  =======================================================================
+``zeroshot``          template + verbalizer scores, no training
+``incontext``         + one random demonstration per class in the context, no training
+``prompt``            prompt-based fine-tuning (LM-BFF) with LoRA
+``prompt_demo``       + demonstrations (``demos``: random or similarity)
+``head``              standard fine-tuning: classification head + LoRA on pooled states
+``protoverb``         ProtoVerb prototypes at the answer position of a frozen model
+                      (+ the manual verbalizer when the model has an LM head)
+``protoverb_mean``    the same on mean-pooled sentence states (for sentence encoders such
+                      as all-MiniLM-L6-v2, whose [MASK] state was never trained)
+``pet``               PET: one prompt model per PVP, ensemble soft labels on unlabelled data,
+                      distilled into a classifier (head + LoRA on ``pet_student``)
+``selftrain``         self-training (STraTA's loop): teacher -> confident pseudo-labels ->
+                      student on labelled + pseudo-labelled, ``rounds`` times
+``intermediate``      intermediate-task fine-tuning: a source task first, then the target
+                      starts from its delta (the head is re-initialized when classes differ)
+``multitask``         the target's K shots mixed with source tasks of the same label set
+====================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "head", "protoverb",
+           "protoverb_mean", "pet", "selftrain", "intermediate", "multitask")
+LM_METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "pet")
+DEFAULT_MODEL = {m: ("smollm2" if m in LM_METHODS else "minilm") for m in METHODS}
+
+# Where unlabelled in-domain text comes from (the full task, minus the test file and the shots).
+UNLABELLED = {"lmbff/sst2": "sst2:train", "lmbff/cr": "cr:all", "lmbff/mr": "mr:all",
+              "lmbff/mpqa": "mpqa:all", "lmbff/subj": "subj:all", "lmbff/trec": "trec:train",
+              "lmbff/sst5": "sst5:train", "lmbff/cola": "cola:train"}
+# Source tasks for intermediate / multi-task runs (same label set, no overlap with the target's
+# test sentences: SST and MR share Rotten Tomatoes reviews, so neither is a source of the other).
+SOURCES = {"lmbff/sst2": "cr:all,mpqa:all", "lmbff/cr": "sst2:train,mpqa:all",
+           "lmbff/mr": "cr:all,mpqa:all", "lmbff/mpqa": "cr:all,sst2:train"}
+# PET pattern-verbalizer pairs (causal-friendly: the answer ends the pattern). The first is
+# also the prompt of the other LM methods (Budget.template="auto"): on SmolLM2-135M it scores
+# 75.6% zero-shot on the 5 pooled SST-2 dev sets (160 sentences), against 50.0% for LM-BFF's
+# "{sentence} It was {mask}" (great/terrible: 99% predicted positive), 50.6% for "All in all,
+# it was" (good/bad) and 66.2% for "The movie was" (good/bad).
+PVPS = {
+    "sentiment": [("Review: {sentence} Sentiment: {mask}", "negative,positive"),
+                  ("{sentence} All in all, it was {mask}", "bad,good"),
+                  ("{sentence} It was {mask}", "terrible,great")],
+}
+PVP_SETS = {"lmbff/sst2": "sentiment", "lmbff/cr": "sentiment", "lmbff/mr": "sentiment",
+            "lmbff/mpqa": "sentiment"}
+
+
+@dataclasses.dataclass
+class Budget:
+    """Scale knobs of one method run (CPU-sized defaults; papers use 1000 steps)."""
+
+    steps: int = 16
+    lr: float = 1e-3
+    batch_size: int = 8
+    eval_every: int = 4
+    test_examples: int = 200
+    max_length: int = 64
+    demo_max_length: int = 160
+    demos: str = "random"              # prompt_demo / incontext: random | similarity
+    template: str = "auto"             # LM methods: auto (PVPS[0] where known) | task (default)
+    unlabelled: int = 256              # PET / self-training pool size
+    pvps: int = 2                      # PET: number of PVPs
+    pet_temperature: float = 2.0
+    pet_student: str = "minilm"
+    student_steps: int = 60
+    threshold: float = 0.9             # self-training confidence threshold
+    rounds: int = 2
+    source_steps: int = 200            # intermediate task
+    mixture_cap: int = 256             # multitask: examples per source task
+
+
+def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
+                  workdir: str):
+    """The runner config of one (method, task, seed) run."""
+    from peft_jax.defaults import base_config
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
+    b = budget
+    c = base_config()
+    c.seed = seed
+    c.model.name = model
+    c.task.name = task
+    c.task.train_split = f"train-{seed}"
+    c.task.eval_split = f"dev-{seed}"
+    c.task.test_split = "test"
+    c.task.max_test_examples = b.test_examples
+    lm = method in LM_METHODS
+    c.task.format = "verbalizer" if lm else "classification"
+    demos = method in ("incontext", "prompt_demo")
+    c.task.demonstrations = b.demos if demos else ""
+    c.task.max_length = b.demo_max_length if demos else b.max_length
+    c.train.buckets = tuple(x for x in (32, 64, 128, 256) if x < c.task.max_length) + (c.task.max_length,)
+    if lm and b.template == "auto" and task in PVP_SETS:
+        c.task.template, c.task.label_words = PVPS[PVP_SETS[task]][0]
+    c.peft.methods = "lora" if lm else "head,lora"
+    c.optim.lr = b.lr
+    c.optim.warmup_steps = 0
+    c.train.steps = b.steps
+    c.train.batch_size = b.batch_size
+    c.train.eval_every = b.eval_every
+    c.train.best_metric = "accuracy"
+    c.train.log_every = max(1, b.steps // 4)
+    c.train.eval_batch_size = 32
+    c.train.resume = False
+    c.train.progress = False
+    c.train.baseline = False
+    c.train.keep = 1
+    c.name = f"fewshot_{task.replace('/', '_')}_{method}_{model}"
+    c.workdir = os.path.join(workdir, task.replace("/", "_"), f"{method}_{model}", f"seed{seed}")
+    return c
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _row(cfg, method: str, res: dict, t0: float, **extra) -> dict:
+    from peft_jax.experiment import _flat_config
+    row = {"name": cfg.name, "status": "finished", "config": _flat_config(cfg),
+           "metrics": res.get("test", res.get("metrics", {})), "dev": res.get("metrics", {}),
+           "selected_step": res.get("selected_step"), "steps": res.get("steps", 0),
+           "trainable_params": res.get("trainable_params", 0),
+           "base_params": res.get("base_params", 0), "wall_s": time.perf_counter() - t0}
+    row["config"]["fewshot.method"] = method
+    row.update(extra)
+    return row
+
+
+def write_row(cfg, row: dict) -> dict:
+    from peft_jax.experiment import _write_json
+    os.makedirs(cfg.workdir, exist_ok=True)
+    _write_json(os.path.join(cfg.workdir, "result.json"), row)
+    return row
+
+
+def untrained(cfg, pre: Any) -> dict:
+    """Zero-shot / in-context: dev and test metrics of the base model (LoRA B = 0)."""
+    from peft_jax.experiment import encode_split, load_examples, setup
+
+    s = setup(cfg, pre)
+    test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, 0)
+    return {"metrics": s.evaluate(s.state.trainable),
+            "test": s.evaluate(s.state.trainable, encode_split(s.exp, test)),
+            "trainable_params": 0}
+
+
+def train(cfg, pre: Any) -> dict:
+    """One runner training with dev selection; drops the in-memory state from the result."""
+    from peft_jax.experiment import run_experiment
+    return run_experiment(cfg, pretrained=pre)
+
+
+def plain(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k not in ("state", "frozen", "selected", "session")}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def unlabelled_pool(task_name: str, seed: int, n: int) -> list[dict]:
+    """``n`` in-domain examples without labels: the task's full data (``UNLABELLED``) minus
+    every sentence of its test file and of this seed's train/dev shots; seeded sample."""
+    from peft_jax.data import get_task
+    from peft_jax.data.fewshot import unlabelled
+
+    if task_name not in UNLABELLED:
+        raise ValueError(f"no unlabelled source for {task_name}; known: {sorted(UNLABELLED)}")
+    task = get_task(task_name)
+    src_name, _, split = UNLABELLED[task_name].partition(":")
+    src_task = get_task(src_name)
+    field, sf = task.text_fields[0], src_task.text_fields[0]
+    banned = {_norm(ex[field]) for sp in ("test", f"train-{seed}", f"dev-{seed}") for ex in task.load(sp)}
+    cand = [ex for ex in src_task.load(split) if _norm(ex[sf]) not in banned]
+    rng = np.random.default_rng([seed, 7])
+    take = rng.choice(len(cand), size=min(n, len(cand)), replace=False)
+    return unlabelled([{field: cand[i][sf]} for i in sorted(take)])
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str,
+            pre: Any = None) -> dict:
+    """Run ``method`` for one seed and write its row; returns the row."""
+    from peft_jax.models.registry import load_pretrained
+
+    cfg = method_config(method, task, seed, model, budget, workdir)
+    t0 = time.perf_counter()
+    if method in ("protoverb", "protoverb_mean"):
+        return write_row(cfg, run_protoverb(cfg, task, seed, budget, pre, t0,
+                                            "mean" if method == "protoverb_mean" else "mask"))
+    pre = pre or load_pretrained(model)
+    if method in ("zeroshot", "incontext"):
+        return write_row(cfg, _row(cfg, method, untrained(cfg, pre), t0))
+    if method in ("prompt", "prompt_demo", "head"):
+        return write_row(cfg, _row(cfg, method, plain(train(cfg, pre)), t0))
+    if method == "pet":
+        return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0))
+    if method == "selftrain":
+        return write_row(cfg, run_selftrain(cfg, task, seed, budget, pre, t0))
+    if method == "intermediate":
+        return write_row(cfg, run_intermediate(cfg, task, seed, budget, pre, t0))
+    if method == "multitask":
+        cfg.task.mixture = SOURCES[task]
+        cfg.task.mixture_cap = budget.mixture_cap
+        cfg.train.steps = budget.source_steps
+        cfg.train.eval_every = max(1, budget.source_steps // 5)
+        return write_row(cfg, _row(cfg, method, plain(train(cfg, pre)), t0,
+                                   mixture=cfg.task.mixture))
+    raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
+
+
+def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
+                  representation: str = "mask") -> dict:
+    from peft_jax.contrastive.embed import Embedder, make_tokenizer
+    from peft_jax.fewshot import protoverb_frozen
+    from peft_jax.models.registry import load_pretrained
+
+    pre = pre or load_pretrained(cfg.model.name)
+    embed = None
+    if representation == "mean":
+        embed = Embedder(pre.build(), {"params": pre.base},
+                         make_tokenizer(pre.tokenizer, budget.max_length), pooling="mean",
+                         batch_size=32)
+    template = words = None
+    if budget.template == "auto" and task in PVP_SETS:
+        template, w = PVPS[PVP_SETS[task]][0]
+        words = [[x] for x in w.split(",")]
+    res = protoverb_frozen.run(task, seed, budget.test_examples, pre=pre, embed_fn=embed,
+                               representation=representation, max_len=budget.max_length,
+                               template=template, label_words=words)
+    method = "protoverb_mean" if representation == "mean" else "protoverb"
+    return _row(cfg, method, {"test": res["metrics"], "metrics": res["dev"],
+                              "trainable_params": res["trainable_params"]}, t0,
+                protoverb={**res["protoverb"], "template": template}, steps=200)
+
+
+def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
+    """PET: ``budget.pvps`` prompt models -> soft labels on unlabelled data -> distilled student."""
+    from peft_jax.experiment import load_examples, predict_scores
+    from peft_jax.fewshot import pet
+    from peft_jax.models.registry import load_pretrained
+
+    pvps = PVPS[PVP_SETS.get(task, "")][:budget.pvps] if task in PVP_SETS else None
+    if not pvps:
+        raise ValueError(f"PET: no pattern-verbalizer pairs for {task}; known: {sorted(PVP_SETS)}")
+    pool = unlabelled_pool(task, seed, budget.unlabelled)
+    per_pvp, soft_scores, test_scores = [], [], []
+    test_ex = None
+    for k, (template, words) in enumerate(pvps):
+        c = method_config("prompt", task, seed, cfg.model.name, budget,
+                          os.path.join(cfg.workdir, f"pvp{k}"))
+        c.workdir = os.path.join(cfg.workdir, f"pvp{k}")
+        c.task.template, c.task.label_words = template, words
+        res = train(c, pre)
+        s = res["session"]
+        if test_ex is None:
+            test_ex = load_examples(s.exp, c.task.test_split, c.task.max_test_examples, 0)
+        soft_scores.append(predict_scores(s, res["selected"], pool))
+        test_scores.append(predict_scores(s, res["selected"], test_ex))
+        per_pvp.append({"template": template, "label_words": words,
+                        "test_accuracy": res["test"]["accuracy"],
+                        "dev_accuracy": res["metrics"].get("accuracy")})
+    soft = pet.ensemble_soft_labels(soft_scores, temperature=budget.pet_temperature)
+    y_test = np.asarray([ex["label"] for ex in test_ex])
+    ens_acc = float(np.mean(pet.ensemble_soft_labels(test_scores).argmax(-1) == y_test))
+    rows = [{**ex, "soft_label": [float(p) for p in soft[i]]} for i, ex in enumerate(pool)]
+    extra = _write_jsonl(os.path.join(cfg.workdir, "soft_labels.jsonl"), rows)
+    st = method_config("head", task, seed, budget.pet_student, budget,
+                       os.path.join(cfg.workdir, "student"))
+    st.workdir = os.path.join(cfg.workdir, "student")
+    st.task.extra_train = extra
+    st.train.steps = budget.student_steps
+    st.train.batch_size = 16
+    st.train.eval_every = max(1, budget.student_steps // 5)
+    student_pre = pre if budget.pet_student == cfg.model.name else load_pretrained(budget.pet_student)
+    res = plain(train(st, student_pre))
+    return _row(cfg, "pet", res, t0, pvps=per_pvp, ensemble_test_accuracy=ens_acc,
+                unlabelled=len(pool), student=budget.pet_student)
+
+
+def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
+                  init_from: str = "") -> dict:
+    """Teacher on the shots; each round pseudo-labels the pool above ``threshold`` (balanced
+    per class) and trains a fresh student on shots + pseudo-labels; the student teaches next."""
+    from peft_jax.experiment import predict_scores
+    from peft_jax.fewshot import pet, self_training
+
+    pool = unlabelled_pool(task, seed, budget.unlabelled)
+    base = method_config("head", task, seed, cfg.model.name, budget, cfg.workdir)
+    base.train.init_from = init_from
+    rounds = []
+    c = base.copy_and_resolve_references()
+    c.workdir = os.path.join(cfg.workdir, "round0")
+    res = train(c, pre)
+    rounds.append({"round": 0, "pseudo": 0, "test_accuracy": res["test"]["accuracy"]})
+    for r in range(1, budget.rounds + 1):
+        probs = pet.softmax(predict_scores(res["session"], res["selected"], pool))
+        kept = self_training.pseudo_labelled(pool, probs, budget.threshold,
+                                             max_per_class=len(pool) // probs.shape[1])
+        extra = _write_jsonl(os.path.join(cfg.workdir, f"pseudo{r}.jsonl"), kept)
+        c = base.copy_and_resolve_references()
+        c.workdir = os.path.join(cfg.workdir, f"round{r}")
+        c.task.extra_train = extra
+        c.train.steps = budget.student_steps
+        c.train.batch_size = 16
+        c.train.eval_every = max(1, budget.student_steps // 5)
+        res = train(c, pre)
+        rounds.append({"round": r, "pseudo": len(kept), "test_accuracy": res["test"]["accuracy"]})
+    return _row(cfg, "selftrain", plain(res), t0, rounds=rounds, threshold=budget.threshold,
+                unlabelled=len(pool), init_from=init_from)
+
+
+def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
+    """Source tasks (``SOURCES``, as one mixture) first, then the target from that delta."""
+    src_dir = os.path.join(os.path.dirname(os.path.dirname(cfg.workdir)),
+                           f"intermediate_source_{cfg.model.name}")
+    delta = os.path.join(src_dir, "delta")
+    if not os.path.isdir(delta):   # shared by the seeds: the source run does not use the shots
+        src = method_config("head", task, 0, cfg.model.name, budget, src_dir)
+        src.workdir = src_dir
+        first, _, split = SOURCES[task].split(",")[0].partition(":")
+        src.task.name = first
+        src.task.train_split = split or "train"
+        src.task.mixture = ",".join(SOURCES[task].split(",")[1:])
+        src.task.mixture_cap = budget.mixture_cap * 4
+        src.task.max_train_examples = budget.mixture_cap * 4
+        src.task.eval_split = split or "train"
+        src.task.max_eval_examples = 64
+        src.task.test_split = ""
+        src.train.best_metric = ""
+        src.train.steps = budget.source_steps
+        src.train.batch_size = 16
+        src.train.eval_every = 0
+        train(src, pre)
+    cfg.train.init_from = delta
+    return _row(cfg, "intermediate", plain(train(cfg, pre)), t0, source=SOURCES[task])
