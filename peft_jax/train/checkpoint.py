@@ -54,6 +54,12 @@ class DeltaCheckpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def best_step(self) -> Optional[int]:
+        """The kept step with the best metric (``best_metric``), else the latest step."""
+        best = getattr(self.manager, "best_step", None)
+        step = best() if callable(best) else None
+        return self.latest_step() if step is None else step
+
     def read_meta(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         return dict(self.manager.restore(step, args=ocp.args.Composite(
