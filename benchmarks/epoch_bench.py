@@ -44,6 +44,9 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
                    help="peft_jax: PRNG implementation of the dropout keys")
+    p.add_argument("--dropout-impl", default="hash", choices=["hash", "jax"],
+                   help="peft_jax: dropout masks from a fused index hash (default) or from "
+                        "jax.random.bernoulli with the --prng keys (flax.linen.Dropout's masks)")
     p.add_argument("--compile-cache", default="",
                    help="peft_jax: persistent compilation cache dir (compile s then = cache load)")
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
@@ -70,8 +73,8 @@ def main(argv=None) -> None:
                 if a.bf16:
                     args.append("--bf16")
                 if fw == "jax":
-                    args += ["--prng", a.prng] + (["--compile-cache", a.compile_cache]
-                                                  if a.compile_cache else [])
+                    args += ["--prng", a.prng, "--dropout-impl", a.dropout_impl]
+                    args += ["--compile-cache", a.compile_cache] if a.compile_cache else []
                 else:
                     args += ["--threads", str(a.threads)]
                 r = run_worker(fw, args, a.timeout)

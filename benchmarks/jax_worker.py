@@ -92,9 +92,11 @@ def make_loss(model, kind: str, remat: str):
     return loss_fn
 
 
-def load_model(folder: str):
+def load_model(folder: str, dropout_impl: str = "hash"):
     """A :class:`peft_jax.models.registry.Pretrained` from a prepared HF folder (no tokenizer:
-    the workers get token ids from ``tokens.npz``)."""
+    the workers get token ids from ``tokens.npz``); ``dropout_impl``: the config's dropout
+    mask generator (``peft_jax.models.layers.dropout_keep_mask``)."""
+    import dataclasses
     import importlib
 
     from peft_jax.models import hf_io, registry
@@ -104,12 +106,14 @@ def load_model(folder: str):
         raise hf_io.CheckpointError(f"{folder}/config.json: model_type={model_type!r} not supported")
     module = importlib.import_module(registry.FAMILIES[model_type])
     config, base = module.load_hf(folder)
+    if hasattr(config, "dropout_impl"):
+        config = dataclasses.replace(config, dropout_impl=dropout_impl)
     return registry.Pretrained(name=folder, module=module, config=config, base=base,
                                tokenizer=None, kind=registry._kind(model_type))
 
 
 def setup(folder: str, method: str, hp: common.MethodHParams, bf16: bool, remat: str,
-          example: dict, seed: int = 0):
+          example: dict, seed: int = 0, dropout_impl: str = "hash"):
     """Model, state, frozen base (on device), jitted step, optimizer-state bytes."""
     import jax
     import jax.numpy as jnp
@@ -118,7 +122,7 @@ def setup(folder: str, method: str, hp: common.MethodHParams, bf16: bool, remat:
     from peft_jax.peft.optim import GroupConfig, make_optimizer
     from peft_jax.train.step import TrainState, jit_train_step, make_train_step
 
-    pre = load_model(folder)
+    pre = load_model(folder, dropout_impl)
     slots = build_slots(method, pre.kind, hp)
     model = pre.build(slots, dtype=jnp.bfloat16 if bf16 else jnp.float32)
     rng = jax.random.PRNGKey(seed)
@@ -169,7 +173,8 @@ def run_steps(a) -> dict:
     hp = common.MethodHParams()
     spec = prep.load_spec(a.folder)
     host = fixed_batch(a.folder, a.batch, a.seq, spec["pad_id"])
-    pre, state, frozen, step, info = setup(a.folder, a.method, hp, a.bf16, a.remat, host)
+    pre, state, frozen, step, info = setup(a.folder, a.method, hp, a.bf16, a.remat, host,
+                                           dropout_impl=a.dropout_impl)
     batch = jax.device_put(host)
     frozen = jax.device_put(frozen)
     t0 = time.perf_counter()
@@ -255,7 +260,8 @@ def run_epoch(a) -> dict:
     rows, labels = rows[: a.max_examples], labels[: a.max_examples]
     buckets = sorted(int(b) for b in a.buckets.split(","))
     batches = bucket_batches(rows, labels, a.batch, buckets, spec["pad_id"], seed=0)
-    pre, state, frozen, step, info = setup(a.folder, a.method, hp, a.bf16, a.remat, batches[0])
+    pre, state, frozen, step, info = setup(a.folder, a.method, hp, a.bf16, a.remat, batches[0],
+                                           dropout_impl=a.dropout_impl)
     frozen = jax.device_put(frozen)
     t0 = time.perf_counter()
     seen_shapes, compile_s = set(), 0.0
@@ -308,6 +314,8 @@ def main(argv=None) -> None:
     p.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
                    help="PRNG implementation of the dropout keys")
     p.add_argument("--compile-cache", default="", help="persistent XLA compilation cache dir")
+    p.add_argument("--dropout-impl", default="hash", choices=["hash", "jax"],
+                   help="dropout masks: fused index hash, or jax.random.bernoulli (flax's masks)")
     a = p.parse_args(argv)
     configure_jax(a.prng, a.compile_cache)
     a.warmup = max(a.warmup, 1)

@@ -117,6 +117,9 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 params) in both")
     p.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
                    help="peft_jax: PRNG implementation of the dropout keys")
+    p.add_argument("--dropout-impl", default="hash", choices=["hash", "jax"],
+                   help="peft_jax: dropout masks from a fused index hash (default) or from "
+                        "jax.random.bernoulli with the --prng keys (flax.linen.Dropout's masks)")
     p.add_argument("--compile-cache", default="",
                    help="peft_jax: persistent compilation cache dir (compile s then = cache load)")
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"],
@@ -159,8 +162,8 @@ def main(argv=None) -> None:
                 if a.bf16:
                     args.append("--bf16")
                 if fw == "jax":
-                    args += ["--prng", a.prng] + (["--compile-cache", a.compile_cache]
-                                                  if a.compile_cache else [])
+                    args += ["--prng", a.prng, "--dropout-impl", a.dropout_impl]
+                    args += ["--compile-cache", a.compile_cache] if a.compile_cache else []
                     if a.xla_flops:
                         args.append("--xla-flops")
                 r = run_worker(fw, args, a.timeout)
@@ -179,7 +182,8 @@ def main(argv=None) -> None:
                 r["xla_gflop"] = r["xla_flops"] / 1e9
     dtype = "bf16" if a.bf16 else "fp32"
     print(f"peft_jax vs torch+HF PEFT training step | batch {a.batch} x seq {a.seq} | {dtype} | "
-          f"remat {a.remat} | prng {a.prng} | median of {a.steps} steps after {a.warmup} warm-up | "
+          f"remat {a.remat} | prng {a.prng} | dropout {a.dropout_impl} | "
+          f"median of {a.steps} steps after {a.warmup} warm-up | "
           f"torch threads {a.threads}" + (" | QUICK (tiny random configs)" if a.quick else ""))
     print("matmul peak (fp32, %d^3): " % a.peak_size
           + ", ".join(f"{fw} {g:.1f} GFLOP/s" for fw, g in peaks.items())

@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "minilm"            # known name, HF folder, or .gguf file
     c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (deltas stay fp32)
     c.model.pooling = "mean"           # for classification/regression heads
+    c.model.dropout_impl = "hash"      # dropout masks: hash (one fused kernel) | jax (threefry bits)
+    c.model.remat = "none"             # recompute layers in the backward: none | full | dots
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "sst2"               # a registered task (peft_jax.data) or "file"
@@ -103,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep = 2
     c.train.best_metric = ""           # e.g. "accuracy": also keep the best checkpoint
     c.train.eval_batch_size = 64
+    c.train.prefetch = 2               # device batches prepared ahead by a thread (0 = off)
     c.train.buckets = (32, 64, 128, 256)
     c.train.resume = True
     c.train.init_from = ""             # a saved delta folder (intermediate-task fine-tuning):
@@ -123,6 +126,8 @@ def validate(cfg) -> None:
     check_choice(cfg, "task.format", FORMATS)
     check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
     check_choice(cfg, "model.pooling", POOLINGS)
+    check_choice(cfg, "model.dropout_impl", ("hash", "jax"))
+    check_choice(cfg, "model.remat", ("none", "full", "dots"))
     check_choice(cfg, "peft.prompt.init", PROMPT_INITS)
     check_choice(cfg, "peft.prompt.placement", ("prefix", "after_bos", "suffix"))
     check_choice(cfg, "peft.adapter.placement", ("houlsby", "pfeiffer"))

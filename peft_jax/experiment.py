@@ -150,6 +150,16 @@ def _dtype(cfg):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
 
 
+def with_model_options(pre: Any, cfg) -> Any:
+    """``pre`` with ``config.model.dropout_impl`` / ``remat`` set on its model config (for
+    families that have them; the weights are shared, not copied)."""
+    fields = {f.name for f in dataclasses.fields(pre.config)} if dataclasses.is_dataclass(pre.config) else set()
+    over = {k: getattr(cfg.model, k) for k in ("dropout_impl", "remat") if k in fields}
+    if not over or all(getattr(pre.config, k) == v for k, v in over.items()):
+        return pre
+    return dataclasses.replace(pre, config=dataclasses.replace(pre.config, **over))
+
+
 def build_experiment(cfg, pretrained: Any = None) -> Experiment:
     """Validate the config, load the base (or take ``pretrained``) and the task."""
     defaults.validate(cfg)
@@ -160,7 +170,7 @@ def build_experiment(cfg, pretrained: Any = None) -> Experiment:
 
     task = (D.task_from_config(defaults.file_task_config(cfg)) if cfg.task.name == "file"
             else D.get_task(cfg.task.name))
-    pre = pretrained or load_pretrained(cfg.model.name)
+    pre = with_model_options(pretrained or load_pretrained(cfg.model.name), cfg)
     methods = build_methods(cfg, pre, task)
     model = pre.build(Slots(methods), _dtype(cfg))
     return Experiment(cfg=cfg, pre=pre, task=task, methods=methods, model=model,
@@ -575,8 +585,14 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         batches.set_state(meta["data"])
         resumed_from = int(meta["step"])
 
+    feed, loop_shard = batches, shard
+    if c.prefetch > 0:   # host collation + transfer of step t+1 overlap step t
+        from peft_jax.parallel.prefetch import DevicePrefetcher
+        feed, loop_shard = DevicePrefetcher(batches, shard, depth=c.prefetch), (lambda b: b)
+
     def meta_fn(step: int) -> dict:
-        return {**meta_base, "step": int(step), "data": batches.get_state()}
+        # the position after the batches consumed (not after those prefetched)
+        return {**meta_base, "step": int(step), "data": feed.get_state()}
 
     def eval_fn(st):
         return s.evaluate(st.trainable)
@@ -594,13 +610,17 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
               f"mesh={dict(s.mesh.shape)}; train={s.n_train} eval={s.n_eval} examples"
               + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
               flush=True)
-    result_loop = run_loop(
-        state=state, frozen=frozen, train_step=train_step, batches=batches, shard=shard,
-        cfg=LoopConfig(total_steps=c.steps, log_every=c.log_every, eval_every=c.eval_every,
-                       ckpt_every=c.ckpt_every, progress=c.progress and main),
-        eval_fn=eval_fn, checkpointer=ckpt, meta_fn=meta_fn, writer=writer,
-        examples_per_step=c.batch_size, best_metric=c.best_metric or None, best_checkpointer=best,
-        on_step=on_step)
+    try:
+        result_loop = run_loop(
+            state=state, frozen=frozen, train_step=train_step, batches=feed, shard=loop_shard,
+            cfg=LoopConfig(total_steps=c.steps, log_every=c.log_every, eval_every=c.eval_every,
+                           ckpt_every=c.ckpt_every, progress=c.progress and main),
+            eval_fn=eval_fn, checkpointer=ckpt, meta_fn=meta_fn, writer=writer,
+            examples_per_step=c.batch_size, best_metric=c.best_metric or None, best_checkpointer=best,
+            on_step=on_step)
+    finally:
+        if feed is not batches:
+            feed.close()
     ckpt.close()
     if best is not None:
         best.close()

@@ -204,3 +204,24 @@ def test_demonstrations_fit_the_length_limit(minilm_path):
     for w in ("terrible", "great"):
         wid = tok.convert_tokens_to_ids(w)
         assert np.all((ids == wid).sum(1) >= 1), w
+
+
+# ----------------------------------------------------------------------------- label search
+
+
+def test_label_search_finds_the_discriminative_tokens():
+    from peft_jax.fewshot.label_search import candidate_tokens, search_label_words
+
+    rng = np.random.default_rng(0)
+    n, v = 40, 50
+    y = np.arange(n) % 2
+    lp = rng.normal(size=(n, v)) * 0.1
+    lp[:, 3] += 5.0               # a frequent token, high for everyone: must not win
+    lp[y == 0, 7] += 2.0          # class 0's word
+    lp[y == 1, 11] += 2.0         # class 1's word
+    cand = candidate_tokens(lp, y, 2, k=3)
+    assert cand[0, 0] == 7 and cand[1, 0] == 11 and 3 not in cand[:, 0]
+    res = search_label_words(lp, y, lp, y, 2, k=3)
+    assert res["words"] == [7, 11] and res["train_accuracy"] == 1.0 and res["dev_accuracy"] == 1.0
+    # excluded ids never appear
+    assert 7 not in candidate_tokens(lp, y, 2, k=5, exclude=[7])

@@ -312,7 +312,7 @@ def test_fewshot_head_and_selftrain_end_to_end_on_real_data(shared_data, tmp_pat
     from peft_jax.fewshot.methods import Budget
 
     b = Budget(steps=4, eval_every=2, test_examples=40, unlabelled=64, student_steps=4, rounds=1,
-               threshold=0.5)
+               threshold=0.5, source_steps=4, mixture_cap=16)
     rows = run_methods(["head", "selftrain"], ["lmbff/sst2"], [13], "", b, str(tmp_path))
     for r in rows:
         assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["dev"]["accuracy"] >= 0.0
@@ -320,3 +320,29 @@ def test_fewshot_head_and_selftrain_end_to_end_on_real_data(shared_data, tmp_pat
         assert os.path.exists(os.path.join(r["config"]["workdir"], "result.json"))
     st = rows[1]
     assert st["rounds"][1]["pseudo"] > 0 and st["unlabelled"] == 64
+    # STraTA: teacher and student start from the intermediate-task delta (trained once)
+    assert st["init_from"].endswith(os.path.join("intermediate_source_minilm", "delta"))
+    assert os.path.isdir(st["init_from"])
+
+
+def test_causal_verbalizer_scores_compute_the_lm_head_at_the_answer_only():
+    """scores() asks the decoder for logits at the answer position; the result equals the
+    full-sequence logits read at that position (with a soft prompt shifting positions)."""
+    from peft_jax import peft as P
+    from peft_jax.models.llama import LlamaConfig, LlamaModel
+    from peft_jax.models.slots import Slots
+    from peft_jax.train.forward import FormatSpec, label_word_scores, scores
+
+    methods = (P.PromptTuning(length=2),)
+    model = LlamaModel(LlamaConfig.tiny(), slots=Slots(methods))
+    ids = jnp.asarray([[5, 9, 13, 2, 0], [7, 3, 11, 17, 19]], jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1, 0], [1] * 5], jnp.int32)
+    pos = jnp.asarray([[3], [4]], jnp.int32)
+    v = model.init(jax.random.PRNGKey(1), ids, mask)
+    lw = (((30,), (40,)), ((50,), (-1,)))
+    spec = FormatSpec(kind="decoder", format="verbalizer", label_word_ids=lw, methods=methods)
+    got = scores(model, spec, v, {"input_ids": ids, "attention_mask": mask, "mask_pos": pos})
+    full = model.apply(v, ids, mask)["logits"]
+    assert full.shape[1] == 7
+    want = label_word_scores(full, pos + 2, jnp.asarray(lw), causal=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

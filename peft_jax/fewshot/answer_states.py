@@ -42,8 +42,8 @@ def answer_states(pre: Any, task: Any, examples: Sequence[dict], template: Optio
 
     @jax.jit
     def run(ids, mask, types, pos):
-        if causal:
-            out = model.apply(variables, ids, mask, deterministic=True)
+        if causal:   # LM head at the answer position only
+            out = model.apply(variables, ids, mask, deterministic=True, logits_at=pos[:, :1])
         else:
             out = model.apply(variables, ids, mask, types, deterministic=True)
         h = out["hidden_states"]
@@ -52,7 +52,9 @@ def answer_states(pre: Any, task: Any, examples: Sequence[dict], template: Optio
         has_head.append(logits is not None)
         if logits is None:
             return z, jnp.zeros((z.shape[0], lw.shape[0]), jnp.float32)
-        return z, label_word_scores(logits, pos, lw, causal=causal)
+        if causal:
+            return z, label_word_scores(logits, jnp.zeros_like(pos[:, :1]), lw, causal=True)
+        return z, label_word_scores(logits, pos, lw, causal=False)
 
     buckets = tuple(sorted({b for b in (32, 64, 128, 256, 512) if b < max_len} | {max_len}))
     it = make_batches(enc, batch_size, buckets=buckets, shuffle=False, drop_remainder=False,
@@ -67,3 +69,42 @@ def answer_states(pre: Any, task: Any, examples: Sequence[dict], template: Optio
     order = np.argsort(np.concatenate(rows), kind="stable")
     z = np.concatenate(zs)[order]
     return z, (np.concatenate(vs)[order] if has_head and has_head[0] else None)
+
+
+def answer_logprobs(pre: Any, task: Any, examples: Sequence[dict], template: Optional[str] = None,
+                    max_len: int = 128, batch_size: int = 32) -> np.ndarray:
+    """Log-probabilities over the whole vocabulary at the answer position ``[n, V]`` (the
+    candidates of automatic label-word search). Needs a model with an LM head."""
+    from peft_jax.data import make_batches
+    from peft_jax.data.tokenize import encode_prompt
+
+    family = {"encoder": "mlm", "decoder": "causal"}.get(pre.kind)
+    if family is None:
+        raise ValueError(f"answer_logprobs: model kind {pre.kind!r}; encoder or decoder models only")
+    # the label words do not matter here; any one-token word per class keeps encode_prompt happy
+    dummy = [["a"] for _ in range(task.num_labels)]
+    enc = encode_prompt(list(examples), template, dummy, pre.tokenizer, family=family,
+                        max_len=max_len, task=task)
+    model = pre.build()
+    variables = {"params": pre.base}
+
+    @jax.jit
+    def run(ids, mask, types, pos):
+        if family == "causal":
+            logits = model.apply(variables, ids, mask, deterministic=True, logits_at=pos[:, :1])["logits"][:, 0]
+        else:
+            out = model.apply(variables, ids, mask, types, deterministic=True)
+            if out.get("logits") is None:
+                raise ValueError("answer_logprobs: this model has no LM head")
+            logits = jnp.take_along_axis(out["logits"], pos[:, :1, None], axis=1)[:, 0]
+        return jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+
+    buckets = tuple(sorted({b for b in (32, 64, 128, 256, 512) if b < max_len} | {max_len}))
+    out, rows = [], []
+    for b in make_batches(enc, batch_size, buckets=buckets, shuffle=False, drop_remainder=False,
+                          num_epochs=1):
+        keep = b["example_mask"] > 0
+        out.append(np.asarray(run(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  b["mask_pos"]))[keep])
+        rows.append(b["row"][keep])
+    return np.concatenate(out)[np.argsort(np.concatenate(rows), kind="stable")]

@@ -21,7 +21,8 @@ import sys
 from typing import Optional, Sequence
 
 from peft_jax.data.builtin import LMBFF_SEEDS
-from peft_jax.fewshot.methods import DEFAULT_MODEL, METHODS, Budget, method_config, run_one
+from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, Budget, Interrupted, method_config,
+                                      run_one)
 
 
 def result_path(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str) -> str:
@@ -60,6 +61,14 @@ def summary(workdir: str) -> str:
     return report.format_table(agg, keys, metrics)
 
 
+def enable_compile_cache(folder: str, min_compile_s: float = 1.0) -> None:
+    """Persist compiled XLA programs in ``folder`` (must be trusted: it holds executables)."""
+    import jax
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+
+
 def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="peft-jax fewshot", description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True,
@@ -69,10 +78,15 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", default=",".join(str(s) for s in LMBFF_SEEDS))
     p.add_argument("--workdir", default="runs/fewshot")
     p.add_argument("--rerun", action="store_true", help="also rerun seeds with a result.json")
+    p.add_argument("--compile-cache", default=os.path.join("~", ".cache", "peft_jax", "xla"),
+                   help="persistent XLA compilation cache: every seed compiles the same "
+                        "programs, so later seeds load them ('' disables)")
     for f in dataclasses.fields(Budget):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.compile_cache:
+        enable_compile_cache(os.path.expanduser(a.compile_cache))
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -80,7 +94,11 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     budget = Budget(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Budget)})
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
-    run_methods(methods, tasks, seeds, a.model, budget, a.workdir, skip_existing=not a.rerun)
+    try:
+        run_methods(methods, tasks, seeds, a.model, budget, a.workdir, skip_existing=not a.rerun)
+    except Interrupted as e:
+        print(f"[peft_jax] fewshot stopped: {e}", file=sys.stderr, flush=True)
+        return 143
     print(summary(a.workdir))
     return 0
 

@@ -21,7 +21,8 @@ Methods (``METHODS``):
 ``pet``               PET: one prompt model per PVP, ensemble soft labels on unlabelled data,
                       distilled into a classifier (head + LoRA on ``pet_student``)
 ``selftrain``         self-training (STraTA's loop): teacher -> confident pseudo-labels ->
-                      student on labelled + pseudo-labelled, ``rounds`` times
+                      student on labelled + pseudo-labelled, ``rounds`` times; teacher and
+                      students start from the intermediate-task delta (``selftrain_init``)
 ``intermediate``      intermediate-task fine-tuning: a source task first, then the target
                       starts from its delta (the head is re-initialized when classes differ)
 ``multitask``         the target's K shots mixed with source tasks of the same label set
@@ -85,6 +86,7 @@ class Budget:
     student_steps: int = 60
     threshold: float = 0.9             # self-training confidence threshold
     rounds: int = 2
+    selftrain_init: str = "intermediate"   # self-training teacher/student start: intermediate | base
     source_steps: int = 200            # intermediate task
     mixture_cap: int = 256             # multitask: examples per source task
 
@@ -164,10 +166,18 @@ def untrained(cfg, pre: Any) -> dict:
             "trainable_params": 0}
 
 
+class Interrupted(RuntimeError):
+    """A run stopped early (SIGTERM / preemption): no row is written for it."""
+
+
 def train(cfg, pre: Any) -> dict:
-    """One runner training with dev selection; drops the in-memory state from the result."""
+    """One runner training with dev selection and a test evaluation of the selected step."""
     from peft_jax.experiment import run_experiment
-    return run_experiment(cfg, pretrained=pre)
+    res = run_experiment(cfg, pretrained=pre)
+    if res["status"] != "finished":
+        raise Interrupted(f"{cfg.workdir}: run {res['status']} at step {res['steps']}; "
+                          "no result row written (rerun the command to redo this seed)")
+    return res
 
 
 def plain(res: dict) -> dict:
@@ -228,8 +238,9 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
         return write_row(cfg, _row(cfg, method, plain(train(cfg, pre)), t0))
     if method == "pet":
         return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0))
-    if method == "selftrain":
-        return write_row(cfg, run_selftrain(cfg, task, seed, budget, pre, t0))
+    if method == "selftrain":   # STraTA: teacher and students start from the intermediate task
+        init = source_delta(cfg, task, budget, pre) if budget.selftrain_init == "intermediate" else ""
+        return write_row(cfg, run_selftrain(cfg, task, seed, budget, pre, t0, init_from=init))
     if method == "intermediate":
         return write_row(cfg, run_intermediate(cfg, task, seed, budget, pre, t0))
     if method == "multitask":
@@ -269,7 +280,7 @@ def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
 
 def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
     """PET: ``budget.pvps`` prompt models -> soft labels on unlabelled data -> distilled student."""
-    from peft_jax.experiment import load_examples, predict_scores
+    from peft_jax.experiment import load_examples, predict_scores, setup
     from peft_jax.fewshot import pet
     from peft_jax.models.registry import load_pretrained
 
@@ -284,15 +295,22 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
                           os.path.join(cfg.workdir, f"pvp{k}"))
         c.workdir = os.path.join(cfg.workdir, f"pvp{k}")
         c.task.template, c.task.label_words = template, words
-        res = train(c, pre)
-        s = res["session"]
+        done = _finished_prompt_run(cfg, task, seed, budget, template, words)
+        if done is not None:   # the `prompt` method already trained this PVP for this seed
+            c.train.init_from = os.path.join(os.path.dirname(done["path"]), "delta")
+            s = setup(c, pre)
+            selected, dev_acc = s.state.trainable, done["dev"].get("accuracy")
+            test_acc = done["metrics"]["accuracy"]
+        else:
+            res = train(c, pre)
+            s, selected = res["session"], res["selected"]
+            dev_acc, test_acc = res["metrics"].get("accuracy"), res["test"]["accuracy"]
         if test_ex is None:
             test_ex = load_examples(s.exp, c.task.test_split, c.task.max_test_examples, 0)
-        soft_scores.append(predict_scores(s, res["selected"], pool))
-        test_scores.append(predict_scores(s, res["selected"], test_ex))
-        per_pvp.append({"template": template, "label_words": words,
-                        "test_accuracy": res["test"]["accuracy"],
-                        "dev_accuracy": res["metrics"].get("accuracy")})
+        soft_scores.append(predict_scores(s, selected, pool))
+        test_scores.append(predict_scores(s, selected, test_ex))
+        per_pvp.append({"template": template, "label_words": words, "test_accuracy": test_acc,
+                        "dev_accuracy": dev_acc, "reused_prompt_run": done is not None})
     soft = pet.ensemble_soft_labels(soft_scores, temperature=budget.pet_temperature)
     y_test = np.asarray([ex["label"] for ex in test_ex])
     ens_acc = float(np.mean(pet.ensemble_soft_labels(test_scores).argmax(-1) == y_test))
@@ -309,6 +327,24 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
     res = plain(train(st, student_pre))
     return _row(cfg, "pet", res, t0, pvps=per_pvp, ensemble_test_accuracy=ens_acc,
                 unlabelled=len(pool), student=budget.pet_student)
+
+
+def _finished_prompt_run(cfg, task: str, seed: int, budget: Budget, template: str,
+                         words: str) -> Optional[dict]:
+    """The ``prompt`` method's row for this seed if it trained exactly this PVP (same
+    template, words and budget), so PET can reuse its selected delta instead of retraining."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(cfg.workdir)))
+    pc = method_config("prompt", task, seed, cfg.model.name, budget, root)
+    path = os.path.join(pc.workdir, "result.json")
+    if not (os.path.exists(path) and os.path.isdir(os.path.join(pc.workdir, "delta"))):
+        return None
+    row = json.load(open(path))
+    want = {"task.template": template, "task.label_words": words, "train.steps": pc.train.steps,
+            "optim.lr": pc.optim.lr, "train.batch_size": pc.train.batch_size,
+            "task.max_test_examples": pc.task.max_test_examples}
+    if any(row["config"].get(k) != v for k, v in want.items()) or row.get("status") != "finished":
+        return None
+    return {**row, "path": path}
 
 
 def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
@@ -343,27 +379,34 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
                 unlabelled=len(pool), init_from=init_from)
 
 
-def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
-    """Source tasks (``SOURCES``, as one mixture) first, then the target from that delta."""
+def source_delta(cfg, task: str, budget: Budget, pre: Any) -> str:
+    """The intermediate-task delta (trained once, shared by the seeds: the source run does
+    not see the target's shots): the ``SOURCES`` tasks as one mixture, head + LoRA."""
     src_dir = os.path.join(os.path.dirname(os.path.dirname(cfg.workdir)),
                            f"intermediate_source_{cfg.model.name}")
     delta = os.path.join(src_dir, "delta")
-    if not os.path.isdir(delta):   # shared by the seeds: the source run does not use the shots
-        src = method_config("head", task, 0, cfg.model.name, budget, src_dir)
-        src.workdir = src_dir
-        first, _, split = SOURCES[task].split(",")[0].partition(":")
-        src.task.name = first
-        src.task.train_split = split or "train"
-        src.task.mixture = ",".join(SOURCES[task].split(",")[1:])
-        src.task.mixture_cap = budget.mixture_cap * 4
-        src.task.max_train_examples = budget.mixture_cap * 4
-        src.task.eval_split = split or "train"
-        src.task.max_eval_examples = 64
-        src.task.test_split = ""
-        src.train.best_metric = ""
-        src.train.steps = budget.source_steps
-        src.train.batch_size = 16
-        src.train.eval_every = 0
-        train(src, pre)
-    cfg.train.init_from = delta
+    if os.path.isdir(delta):
+        return delta
+    src = method_config("head", task, 0, cfg.model.name, budget, src_dir)
+    src.workdir = src_dir
+    first, _, split = SOURCES[task].split(",")[0].partition(":")
+    src.task.name = first
+    src.task.train_split = split or "train"
+    src.task.mixture = ",".join(SOURCES[task].split(",")[1:])
+    src.task.mixture_cap = budget.mixture_cap * 4
+    src.task.max_train_examples = budget.mixture_cap * 4
+    src.task.eval_split = split or "train"
+    src.task.max_eval_examples = 64
+    src.task.test_split = ""
+    src.train.best_metric = ""
+    src.train.steps = budget.source_steps
+    src.train.batch_size = 16
+    src.train.eval_every = 0
+    train(src, pre)
+    return delta
+
+
+def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
+    """Source tasks (``SOURCES``, as one mixture) first, then the target from that delta."""
+    cfg.train.init_from = source_delta(cfg, task, budget, pre)
     return _row(cfg, "intermediate", plain(train(cfg, pre)), t0, source=SOURCES[task])

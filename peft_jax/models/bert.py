@@ -31,8 +31,9 @@ import numpy as np
 
 from peft_jax.models import hf_io
 from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
-                                    make_attention_bias)
+from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
+                                    Dropout, Embed, LayerNorm, Mlp, check_dropout_impl,
+                                    get_activation, make_attention_bias, remat_layer)
 from peft_jax.models.slots import NO_SLOTS, Slots, apply_inserts
 
 Array = Any
@@ -68,8 +69,13 @@ class BertConfig:
     with_mlm_head: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    dropout_impl: str = DEFAULT_DROPOUT_IMPL  # mask generator: 'hash' | 'jax' (layers.Dropout)
+    remat: str = "none"  # recompute layers in the backward: 'none' | 'full' | 'dots'
 
     def __post_init__(self):
+        check_dropout_impl(self.dropout_impl)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unsupported remat={self.remat!r}; supported: {list(REMAT_POLICIES)}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type={self.model_type!r}; supported: {list(MODEL_TYPES)}")
         if self.position_embedding_type != "absolute":
@@ -229,7 +235,7 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = Embed(c.type_vocab_size, c.d_model, axes=(None, "embed"),
                                            dtype=self.dtype, embedding_init=init)
         self.layer_norm = LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout, c.dropout_impl)
 
     def words(self, input_ids: Array) -> Array:
         """``[b, l]`` int -> ``[b, l, d]``."""
@@ -263,15 +269,16 @@ class BertLayer(nn.Module):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
         a = Attention(num_heads=c.num_heads, head_dim=c.head_dim, qkv_bias=True, out_bias=True,
-                      dropout_rate=c.attention_dropout, dtype=self.dtype, kernel_init=init,
-                      slots=self.slots, name="attention")(x, bias=bias, deterministic=deterministic)
-        a = nn.Dropout(c.hidden_dropout)(a, deterministic=deterministic)
+                      dropout_rate=c.attention_dropout, dropout_impl=c.dropout_impl,
+                      dtype=self.dtype, kernel_init=init, slots=self.slots,
+                      name="attention")(x, bias=bias, deterministic=deterministic)
+        a = Dropout(c.hidden_dropout, c.dropout_impl)(a, deterministic=deterministic)
         a = self.slots.sublayer(self, "attention", a, deterministic)
         h = LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype, name="attention_norm")(x + a)
         f = Mlp(d_ff=c.d_ff, activation=c.hidden_act, gated=False, use_bias=True,
                 dropout_rate=0.0, dtype=self.dtype, kernel_init=init, slots=self.slots,
                 name="mlp")(h, deterministic)
-        f = nn.Dropout(c.hidden_dropout)(f, deterministic=deterministic)
+        f = Dropout(c.hidden_dropout, c.dropout_impl)(f, deterministic=deterministic)
         f = self.slots.sublayer(self, "ffn", f, deterministic)
         return LayerNorm(eps=c.layer_norm_eps, dtype=self.dtype, name="mlp_norm")(h + f)
 
@@ -287,8 +294,9 @@ class BertEncoder(nn.Module):
     def __call__(self, x: Array, bias: Optional[Array], deterministic: bool = True
                  ) -> tuple[Array, ...]:
         outs = []
+        layer_cls = remat_layer(BertLayer, self.config.remat, static_argnums=(3,))
         for i in range(self.config.num_layers):
-            x = BertLayer(self.config, self.dtype, self.slots, name=f"layer_{i}")(x, bias, deterministic)
+            x = layer_cls(self.config, self.dtype, self.slots, name=f"layer_{i}")(x, bias, deterministic)
             outs.append(x)
         return tuple(outs)
 

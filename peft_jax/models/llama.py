@@ -45,8 +45,9 @@ import numpy as np
 
 from peft_jax.models import hf_io
 from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
-                                    make_attention_bias)
+from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
+                                    Embed, LayerNorm, Mlp, check_dropout_impl, get_activation,
+                                    make_attention_bias, remat_layer)
 from peft_jax.models.rope import RopeConfig, RopeConfigError, rotary
 from peft_jax.models.slots import NO_SLOTS, Slots
 
@@ -87,8 +88,13 @@ class LlamaConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    dropout_impl: str = DEFAULT_DROPOUT_IMPL  # mask generator: 'hash' | 'jax' (layers.Dropout)
+    remat: str = "none"  # recompute layers in the backward: 'none' | 'full' | 'dots'
 
     def __post_init__(self):
+        check_dropout_impl(self.dropout_impl)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unsupported remat={self.remat!r}; supported: {list(REMAT_POLICIES)}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type={self.model_type!r}; supported: {list(MODEL_TYPES)}")
         get_activation(self.hidden_act, "hidden_act")
@@ -240,8 +246,8 @@ class LlamaLayer(nn.Module):
         h = LayerNorm(eps=c.rms_norm_eps, rms=True, dtype=self.dtype, name="attention_norm")(x)
         a = Attention(num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
                       qkv_bias=c.attention_bias, out_bias=c.attention_out_bias,
-                      dropout_rate=c.attention_dropout, dtype=self.dtype, kernel_init=init,
-                      slots=self.slots, name="attention")(
+                      dropout_rate=c.attention_dropout, dropout_impl=c.dropout_impl,
+                      dtype=self.dtype, kernel_init=init, slots=self.slots, name="attention")(
             h, bias=bias, rotary=rotary_cs, decode=decode, deterministic=deterministic)
         a = self.slots.sublayer(self, "attention", a, deterministic)
         x = x + a
@@ -266,8 +272,10 @@ class LlamaDecoder(nn.Module):
     def __call__(self, x: Array, bias: Optional[Array], rotary_cs: tuple[Array, Array],
                  decode: bool = False, deterministic: bool = True) -> tuple[Array, tuple]:
         outs = []
+        # decode (4) and deterministic (5) are Python bools; no remat while decoding
+        layer_cls = remat_layer(LlamaLayer, "none" if decode else self.config.remat, (4, 5))
         for i in range(self.config.num_layers):
-            x = LlamaLayer(self.config, self.dtype, self.slots, name=f"layer_{i}")(
+            x = layer_cls(self.config, self.dtype, self.slots, name=f"layer_{i}")(
                 x, bias, rotary_cs, decode, deterministic)
             outs.append(x)
         h = LayerNorm(eps=self.config.rms_norm_eps, rms=True, dtype=self.dtype, name="final_norm")(x)
@@ -285,8 +293,11 @@ class LlamaModel(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, deterministic: bool = True,
                  output_hidden_states: bool = False, decode: bool = False,
-                 prefill: bool = True) -> dict[str, Any]:
+                 prefill: bool = True, logits_at: Optional[Array] = None) -> dict[str, Any]:
         """input_ids, attention_mask (1 = real; left or right padding): ``[b, l]``.
+
+        ``logits_at [b, T]``: compute the LM head only at these positions of the output
+        (``logits [b, T, vocab]``; verbalizer scoring needs one position, not all ``l``).
 
         ``positions [b, l]``: override the default position rule (not with soft-prompt
         inserts). Returns ``hidden_states [b, l', d]`` (after the final norm),
@@ -321,12 +332,13 @@ class LlamaModel(nn.Module):
 
         h, layers = LlamaDecoder(c, self.dtype, self.slots, name="decoder")(
             x, bias, cos_sin, decode, deterministic)
+        hl = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            logits = embed.attend(hl)
         else:
             logits = Dense(c.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=self.dtype,
                            kernel_init=nn.initializers.normal(c.initializer_range),
-                           slots=self.slots, name="lm_head")(h, deterministic)
+                           slots=self.slots, name="lm_head")(hl, deterministic)
         out: dict[str, Any] = {"hidden_states": h, "attention_mask": mask, "logits": logits}
         if output_hidden_states:
             out["all_hidden_states"] = (x,) + layers

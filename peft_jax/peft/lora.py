@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from peft_jax.models.layers import DEFAULT_DROPOUT_IMPL, apply_dropout
 from peft_jax.models.slots import module_path
 
 Array = Any
@@ -115,8 +116,8 @@ class LoRA:
         y = base_fn(x)
         h = x.astype(module.dtype)
         if not deterministic and self.dropout > 0.0:
-            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
+            h = apply_dropout(h, self.dropout, module.make_rng("dropout"),
+                              getattr(module, "dropout_impl", DEFAULT_DROPOUT_IMPL))
         lora = jnp.dot(jnp.dot(h, jnp.asarray(a.value, module.dtype)),
                        jnp.asarray(b.value, module.dtype))
         return y + jnp.asarray(self.scale_for(path, a.value.shape[1]), module.dtype) * lora

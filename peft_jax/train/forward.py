@@ -97,6 +97,14 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
     if (spec.format == "verbalizer" and spec.kind == "decoder"
             and len(spec.label_word_ids[0][0]) > 1):
         return _causal_multi_token(model, spec, mvars, batch, deterministic, rng)
+    if spec.format == "verbalizer" and spec.kind == "decoder":
+        # the LM head at the answer position only: [b, 1, V] logits, not [b, l, V]
+        pos = batch["mask_pos"][:, :1] + inserted_before(spec.methods)
+        rngs = {} if deterministic or rng is None else {"dropout": rng}
+        logits = model.apply(mvars, batch["input_ids"], batch["attention_mask"],
+                             deterministic=deterministic, rngs=rngs, logits_at=pos)["logits"]
+        return label_word_scores(logits, jnp.zeros_like(pos),
+                                 jnp.asarray(spec.label_word_ids, jnp.int32), causal=True)
     out = _apply_model(model, spec, mvars, batch, deterministic, rng)
     if spec.format == "verbalizer":
         logits = out["logits"]

@@ -42,10 +42,12 @@ def regression_loss(pred: Array, targets: Array, weights: Optional[Array] = None
 def token_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
     """Token-level cross-entropy. logits ``[b, l, v]``, targets/mask ``[b, l]``.
 
-    Returns (mean loss over masked tokens, number of tokens).
+    Returns (mean loss over masked tokens, number of tokens). ``logsumexp - target logit``:
+    no ``[b, l, v]`` log-softmax is materialized (its backward is one softmax).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    lf = logits.astype(jnp.float32)
+    tgt = jnp.take_along_axis(lf, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(lf, axis=-1) - tgt
     m = mask.astype(jnp.float32)
     n = jnp.sum(m)
     return jnp.sum(nll * m) / jnp.maximum(n, 1.0), n
@@ -54,9 +56,12 @@ def token_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Arr
 def causal_lm_loss(logits: Array, input_ids: Array, loss_mask: Array) -> Array:
     """Next-token loss: position t predicts token t+1 where ``loss_mask[t+1]`` is 1.
 
-    logits ``[b, l, v]``, input_ids/loss_mask ``[b, l]``.
+    logits ``[b, l, v]``, input_ids/loss_mask ``[b, l]``. The targets are shifted, not the
+    logits (no copy of the ``[b, l, v]`` tensor); the last position has no target.
     """
-    loss, _ = token_cross_entropy(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+    tgt = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    m = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    loss, _ = token_cross_entropy(logits, tgt, m)
     return loss
 
 
