@@ -21,7 +21,23 @@ def main(argv=None) -> int:
         argv += ["--method", TABLE]
     if not any(a.startswith("--task") for a in argv):
         argv += ["--task", "lmbff/sst2,lmbff/cr"]
-    return fewshot_main(argv)
+    rc = fewshot_main(argv)
+    workdir = argv[argv.index("--workdir") + 1] if "--workdir" in argv else "runs/fewshot"
+    print(markdown(workdir))
+    return rc
+
+
+def markdown(workdir: str) -> str:
+    """Test accuracy x100 and wall seconds per run, mean (std) over seeds, as markdown."""
+    from peft_jax import report
+    from peft_jax.fewshot.cli import method_rows
+    rows = method_rows(report.collect(workdir))
+    keys = ["task.name", "fewshot.method", "model.name"]
+    acc = report.to_markdown(report.aggregate(rows, keys, ["accuracy"], seed_key="seed"), keys,
+                             ["accuracy"], digits=1, scale=100)
+    wall = report.to_markdown(report.aggregate(rows, keys, ["wall_s"], seed_key="seed"), keys,
+                              ["wall_s"], digits=0)
+    return acc + "\n\n" + wall
 
 
 if __name__ == "__main__":

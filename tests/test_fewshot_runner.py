@@ -346,3 +346,25 @@ def test_causal_verbalizer_scores_compute_the_lm_head_at_the_answer_only():
     assert full.shape[1] == 7
     want = label_word_scores(full, pos + 2, jnp.asarray(lw), causal=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_summary_counts_method_rows_only(tmp_path):
+    """PET's per-PVP runs and self-training rounds write result.json rows of their own under
+    the method's folder; the few-shot table aggregates the methods' rows only."""
+    from peft_jax.fewshot.cli import method_rows, summary
+
+    def write(path, method, acc):
+        os.makedirs(path, exist_ok=True)
+        cfg = {"task.name": "lmbff/sst2", "model.name": "smollm2", "seed": 13}
+        if method:
+            cfg["fewshot.method"] = method
+        json.dump({"name": "x", "status": "finished", "config": cfg, "metrics": {"accuracy": acc},
+                   "wall_s": 1.0}, open(os.path.join(path, "result.json"), "w"))
+
+    write(tmp_path / "t" / "pet_smollm2" / "seed13", "pet", 0.8)
+    write(tmp_path / "t" / "pet_smollm2" / "seed13" / "pvp0", None, 0.1)
+    from peft_jax import report
+    assert len(report.collect(str(tmp_path))) == 2
+    assert [r["config"]["fewshot.method"] for r in method_rows(report.collect(str(tmp_path)))] == ["pet"]
+    text = summary(str(tmp_path))
+    assert "pet" in text and "0.8000" in text and "0.1000" not in text

@@ -53,9 +53,15 @@ def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[in
     return rows
 
 
+def method_rows(rows: list) -> list:
+    """The methods' rows only (PET's per-PVP runs, self-training rounds and intermediate-task
+    source runs write their own ``result.json`` under the method's folder)."""
+    return [r for r in rows if r.get("config", {}).get("fewshot.method")]
+
+
 def summary(workdir: str) -> str:
     from peft_jax import report
-    rows = report.collect(workdir)
+    rows = method_rows(report.collect(workdir))
     keys, metrics = ["task.name", "fewshot.method", "model.name"], ["accuracy", "wall_s"]
     agg = report.aggregate(rows, keys, metrics, seed_key="seed")
     return report.format_table(agg, keys, metrics)
