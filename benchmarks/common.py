@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import resource
 from typing import Any, Iterable, Optional, Sequence
 
@@ -132,6 +133,20 @@ FLOP_FORMULA = ("FLOPs/step = fwd + bwd_data(=fwd) + bwd_weight(trainable matmul
 
 
 # ----------------------------------------------------------------------------- stats
+
+
+def timed_steps(step, state, frozen, batch, n: int):
+    """Call a jitted train step ``n`` times on one batch; returns ``(state, metrics, times)``
+    with each call's seconds (waiting for the new state and metrics)."""
+    import jax
+    times = []
+    metrics = None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        state, metrics = step(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, metrics, times
 
 
 def peak_rss_mb() -> float:

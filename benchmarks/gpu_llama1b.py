@@ -126,18 +126,10 @@ def run_method(method: str, a, config, mesh) -> dict:
 
     step = jit_train_step(make_train_step(loss_fn, partition.assemble, tx), state_sh, base_sh, None)
     batch = shard_batch(host, mesh)
-    t0 = time.perf_counter()
-    state, metrics = step(state, frozen, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
+    state, metrics, (first,) = common.timed_steps(step, state, frozen, batch, 1)
     after_first = compile_count(step)
-    times = []
-    for i in range(a.warmup - 1 + a.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, frozen, batch)
-        jax.block_until_ready(metrics)
-        if i >= a.warmup - 1:
-            times.append(time.perf_counter() - t0)
+    state, metrics, times = common.timed_steps(step, state, frozen, batch, a.warmup - 1 + a.steps)
+    times = times[a.warmup - 1:]
     med = common.median(times)
     flops = common.step_flops(spec_of(config), method, hp, a.batch, a.seq)
     n_dev = mesh.devices.size

@@ -177,18 +177,10 @@ def run_steps(a) -> dict:
                                            dropout_impl=a.dropout_impl)
     batch = jax.device_put(host)
     frozen = jax.device_put(frozen)
-    t0 = time.perf_counter()
-    state, metrics = step(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
-    first = time.perf_counter() - t0
+    state, metrics, (first,) = common.timed_steps(step, state, frozen, batch, 1)
     after_first = compile_count(step)
-    times = []
-    for i in range(a.warmup - 1 + a.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, frozen, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= a.warmup - 1:
-            times.append(time.perf_counter() - t0)
+    state, metrics, times = common.timed_steps(step, state, frozen, batch, a.warmup - 1 + a.steps)
+    times = times[a.warmup - 1:]
     loss = float(metrics["loss"])
     med = common.median(times)
     res = dict(framework="peft_jax", model=spec["model"], method=a.method, step_s=med,
