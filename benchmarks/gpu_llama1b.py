@@ -89,12 +89,13 @@ def run_method(method: str, a, config, mesh) -> dict:
     from peft_jax import peft as pj
     from peft_jax.models.llama import LlamaModel
     from peft_jax.models.slots import Slots
-    from peft_jax.parallel.mesh import shard_batch, shardings_for
-    from peft_jax.peft import init_delta, partition
+    from peft_jax.parallel.mesh import shard_batch
+    from peft_jax.peft import partition
     from peft_jax.peft.optim import GroupConfig, make_optimizer
+    from peft_jax.train.builder import build_train_state
     from peft_jax.train.losses import causal_lm_loss
     from peft_jax.train.loop import compile_count
-    from peft_jax.train.step import TrainState, jit_train_step, make_train_step
+    from peft_jax.train.step import jit_train_step, make_train_step
     from jax_worker import remat_wrap
 
     hp = common.MethodHParams()
@@ -103,18 +104,15 @@ def run_method(method: str, a, config, mesh) -> dict:
     dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32
     plain = LlamaModel(config=config, dtype=dtype)
     model = LlamaModel(config=config, slots=Slots((m,)), dtype=dtype)
-    base, base_sh = init_base(plain, config, mesh, a.seq)
+    base, _ = init_base(plain, config, mesh, a.seq)
     rng = np.random.default_rng(0)
     host = {"input_ids": rng.integers(3, config.vocab_size, (a.batch, a.seq)).astype(np.int32),
             "attention_mask": np.ones((a.batch, a.seq), np.int32)}
-    delta = init_delta(model, base, {k: jnp.asarray(v[:1]) for k, v in host.items()},
-                       jax.random.PRNGKey(1))
-    trainable, frozen = partition.split_trainable(base, delta)
-    tx = make_optimizer({"all": GroupConfig("adamw", hp.learning_rate)},
-                        partition.label_tree(trainable, [(r".*", "all")]))
-    state = TrainState.create(trainable, tx, jax.random.PRNGKey(2))
-    state_sh = shardings_for(state, mesh)
-    state = jax.device_put(state, state_sh)
+    make_tx = lambda tr: make_optimizer({"all": GroupConfig("adamw", hp.learning_rate)},
+                                        partition.label_tree(tr, [(r".*", "all")]))
+    ts = build_train_state(model, base, (m,), {k: jnp.asarray(v[:1]) for k, v in host.items()},
+                           jax.random.PRNGKey(1), make_tx, mesh=mesh)
+    state, frozen = ts.state, ts.frozen
 
     def loss_fn(variables, batch, rng_, deterministic):
         fwd = remat_wrap(lambda v, i, msk: model.apply(v, i, msk, deterministic=deterministic,
@@ -123,7 +121,8 @@ def run_method(method: str, a, config, mesh) -> dict:
         n_ins = logits.shape[1] - batch["input_ids"].shape[1]
         return causal_lm_loss(logits[:, n_ins:], batch["input_ids"], batch["attention_mask"]), {}
 
-    step = jit_train_step(make_train_step(loss_fn, partition.assemble, tx), state_sh, base_sh, None)
+    step = jit_train_step(make_train_step(loss_fn, ts.variables, ts.tx), ts.state_sh, ts.frozen_sh,
+                          None)
     batch = shard_batch(host, mesh)
     state, metrics, (first,) = common.timed_steps(step, state, frozen, batch, 1)
     after_first = compile_count(step)
@@ -136,7 +135,7 @@ def run_method(method: str, a, config, mesh) -> dict:
     return dict(method=method, step_s=med, tokens_per_s=a.batch * a.seq / med,
                 tflops=flops / med / 1e12, mfu=flops / med / 1e12 / (peak * n_dev),
                 compile_s=max(first - med, 0.0), recompiles_after_first=compile_count(step) - after_first,
-                loss=float(metrics["loss"]), trainable_params=partition.tree_size(trainable),
+                loss=float(metrics["loss"]), trainable_params=partition.tree_size(ts.state.trainable),
                 base_params=partition.tree_size(base), devices=n_dev,
                 device_kind=jax.devices()[0].device_kind, peak_tflops_per_device=peak)
 

@@ -27,24 +27,22 @@ import prepare as prep  # noqa: E402
 # ----------------------------------------------------------------------------- methods
 
 
-def build_slots(method: str, kind: str, hp: common.MethodHParams):
-    """The peft_jax methods of a benchmark method name ('full': none)."""
-    from peft_jax.models.slots import Slots
+def build_methods(method: str, kind: str, hp: common.MethodHParams) -> tuple:
+    """The peft_jax methods of a benchmark method name (+ a classification head on encoders)."""
     from peft_jax import peft as pj
 
-    if method == "full":
-        return Slots(())
-    if method == "lora":
-        m = pj.LoRA(targets=r".*/attention/(query|value)", rank=hp.lora_r, alpha=hp.lora_alpha)
-    elif method == "prompt":
-        m = pj.PromptTuning(length=hp.num_virtual_tokens)
-    elif method == "prefix":
-        m = pj.PrefixTuning(length=hp.num_virtual_tokens)
-    elif method == "adapter":
-        m = pj.Adapter(placement="houlsby", bottleneck=hp.adapter_dim)
-    else:
+    make = {
+        "full": lambda: pj.FullFinetuning(),
+        "lora": lambda: pj.LoRA(targets=r".*/attention/(query|value)", rank=hp.lora_r,
+                                alpha=hp.lora_alpha),
+        "prompt": lambda: pj.PromptTuning(length=hp.num_virtual_tokens),
+        "prefix": lambda: pj.PrefixTuning(length=hp.num_virtual_tokens),
+        "adapter": lambda: pj.Adapter(placement="houlsby", bottleneck=hp.adapter_dim),
+    }
+    if method not in make:
         raise ValueError(f"unknown method {method!r}; known: {list(common.METHODS)}")
-    return Slots((m,))
+    head = (pj.Head(num_labels=2),) if kind == "encoder" else ()
+    return (make[method](),) + head
 
 
 def remat_wrap(fn: Callable, remat: str) -> Callable:
@@ -68,8 +66,10 @@ def make_loss(model, kind: str, remat: str):
     decoder: next-token cross-entropy over the real tokens.
     """
     import jax
-    from peft_jax.peft.heads import apply_head
+    from peft_jax.peft.heads import Head
     from peft_jax.train.losses import causal_lm_loss, classification_loss
+
+    head_method = Head(num_labels=2)
 
     def forward(variables, ids, mask, rng, deterministic):
         return model.apply(variables, ids, mask, deterministic=deterministic,
@@ -83,7 +83,7 @@ def make_loss(model, kind: str, remat: str):
         fwd = remat_wrap(lambda v, i, m, r: forward(v, i, m, r, deterministic), remat)
         out = fwd(mv, batch["input_ids"], batch["attention_mask"], r1)
         if kind == "encoder":
-            logits = apply_head("classification", head, out["pooled"], deterministic, r2)
+            logits = head_method.apply(head, out["pooled"], deterministic, r2)
             return classification_loss(logits, batch["labels"], batch.get("weights")), {}
         logits = out["logits"]
         n_ins = logits.shape[1] - batch["input_ids"].shape[1]  # soft prompts, prepended
@@ -117,33 +117,25 @@ def setup(folder: str, method: str, hp: common.MethodHParams, bf16: bool, remat:
     """Model, state, frozen base (on device), jitted step, optimizer-state bytes."""
     import jax
     import jax.numpy as jnp
+    from peft_jax.models.slots import Slots
     from peft_jax.peft import partition
-    from peft_jax.peft.heads import init_head
     from peft_jax.peft.optim import GroupConfig, make_optimizer
-    from peft_jax.train.step import TrainState, jit_train_step, make_train_step
+    from peft_jax.train.builder import build_train_state
+    from peft_jax.train.step import jit_train_step, make_train_step
 
     pre = load_model(folder, dropout_impl)
-    slots = build_slots(method, pre.kind, hp)
-    model = pre.build(slots, dtype=jnp.bfloat16 if bf16 else jnp.float32)
-    rng = jax.random.PRNGKey(seed)
-    k_delta, k_head, k_state = jax.random.split(rng, 3)
-    base = jax.tree.map(jnp.asarray, pre.base)
-    delta: dict = {}
-    if slots:
-        from peft_jax.peft import init_delta
-        ex = {k: jnp.asarray(v) for k, v in example.items() if k in ("input_ids", "attention_mask")}
-        delta = dict(init_delta(model, base, ex, k_delta))
-    if pre.kind == "encoder":
-        delta["head"] = init_head("classification", pre.d_model, 2, k_head)
-    patterns = partition.full_finetuning_patterns() if method == "full" else ()
-    trainable, frozen = partition.split_trainable(base, delta, patterns)
-    labels = partition.label_tree(trainable, [(r".*", "all")])
-    tx = make_optimizer({"all": GroupConfig("adamw", hp.learning_rate)}, labels)
-    state = TrainState.create(trainable, tx, k_state)
-    step = jit_train_step(make_train_step(make_loss(model, pre.kind, remat), partition.assemble, tx))
-    info = dict(opt_state_bytes=partition.optimizer_state_bytes(tx, trainable),
+    methods = build_methods(method, pre.kind, hp)
+    model = pre.build(Slots(methods, dropout_impl=dropout_impl),
+                      dtype=jnp.bfloat16 if bf16 else jnp.float32)
+    make_tx = lambda tr: make_optimizer({"all": GroupConfig("adamw", hp.learning_rate)},
+                                        partition.label_tree(tr, [(r".*", "all")]))
+    inputs = {k: jnp.asarray(v) for k, v in example.items() if k in ("input_ids", "attention_mask")}
+    ts = build_train_state(model, pre.base, methods, inputs, jax.random.PRNGKey(seed), make_tx)
+    step = jit_train_step(make_train_step(make_loss(model, pre.kind, remat), ts.variables, ts.tx))
+    trainable = ts.state.trainable
+    info = dict(opt_state_bytes=partition.optimizer_state_bytes(ts.tx, trainable),
                 trainable_params=partition.tree_size(trainable))
-    return pre, state, frozen, step, info
+    return pre, ts.state, ts.frozen, step, info
 
 
 def fixed_batch(folder: str, batch: int, seq: int, pad_id: int) -> dict:

@@ -4,6 +4,7 @@
     peft-jax eval     --config ... [--checkpoint DIR]
     peft-jax export   --config ... --format npy|hf-peft|merged --out DIR
     peft-jax params   --config ...           (trainable / total parameter report)
+    peft-jax methods                         (every PEFT method with its config keys)
     peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
     peft-jax sweep    --config ... --root DIR [--dry-run] [--parallel N]
     peft-jax report   DIR [--group-by ...] (mean (std) over seeds, plots)
@@ -32,7 +33,8 @@ def _load_cfg(argv: Sequence[str]):
     if spec is None:
         raise ConfigError("--config FILE.py[:arg] is required")
     cfg = load_config_file(spec)
-    apply_overrides(cfg, overrides)
+    from peft_jax.defaults import RENAMED
+    apply_overrides(cfg, overrides, RENAMED)
     return cfg, rest
 
 
@@ -46,7 +48,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             cfg.workdir = args.workdir
     from peft_jax.experiment import run_experiment
     result = run_experiment(cfg, on_step=_fault_injection())
-    return 0 if result.get("status") in ("finished", "preempted") else 1
+    return 0 if result.row.get("status") in ("finished", "preempted") else 1
 
 
 def _fault_injection():
@@ -103,6 +105,18 @@ def cmd_params(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_methods(argv: Sequence[str]) -> int:
+    """Every registered PEFT method with its config keys, defaults and help."""
+    from peft_jax.peft.method import REGISTRY
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}: {doc}")
+        helps = cls.option_help()
+        for key, default in cls.config_defaults().items():
+            print(f"    --config.peft.{name}.{key}={default!r}  {helps.get(key, '')}")
+    return 0
+
+
 def cmd_convert(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="peft-jax convert")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, or a known name")
@@ -133,7 +147,7 @@ def _lazy(module: str, fn: str):
 
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "params": cmd_params,
-    "convert": cmd_convert, "setup-models": cmd_setup_models,
+    "convert": cmd_convert, "setup-models": cmd_setup_models, "methods": cmd_methods,
     "sweep": _lazy("peft_jax.sweep", "sweep_main"),
     "report": _lazy("peft_jax.report", "report_main"),
     "spot": _lazy("peft_jax.transfer.cli", "spot_main"),

@@ -75,8 +75,11 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     raise ConfigError(f"--config.{key}: expected {type(old).__name__} (like {old!r}), got {new!r}")
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Apply ``a.b=value`` strings (the part after ``--config.``)."""
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str],
+                    renamed: Optional[Mapping[str, str]] = None) -> ml_collections.ConfigDict:
+    """Apply ``a.b=value`` strings (the part after ``--config.``). ``renamed``: old key ->
+    what replaced it (an override of an old key is an error naming the new one)."""
+    renamed = renamed or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
@@ -85,6 +88,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
         node = cfg
         for i, p in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                if key in renamed:
+                    raise ConfigError(f"--config.{key}: this key was replaced by {renamed[key]}")
                 where = ".".join(parts[:i]) or "<top>"
                 allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 close = difflib.get_close_matches(p, allowed, n=3)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import ml_collections
 
+from peft_jax import peft as _methods  # noqa: F401  (registers every method)
 from peft_jax.config import ConfigError, check_choice
+from peft_jax.peft.method import REGISTRY, BuildContext, OptionError, method_class
 
 FORMATS = ("classification", "regression", "verbalizer")
-METHODS = ("prompt", "prefix", "lora", "adapter", "ia3", "bitfit", "full", "head")
+HEAD_FORMATS = ("classification", "regression")
 POOLINGS = ("cls", "cls_before_pooler", "mean", "first_last_avg", "last_token")
-PROMPT_INITS = ("uniform", "sampled_vocab", "class_labels", "text", "file")
+
+# Keys that were renamed or removed: using one is an error naming the replacement.
+RENAMED = {
+    "peft.lora.rslora": "config.peft.lora.use_rslora",
+    "peft.head.kind": "nothing: the head's kind follows config.task.format "
+                      "(classification | regression); config.peft.head.hidden adds "
+                      "RoBERTa's dense + tanh layer",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,28 +77,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.file.label_words = ""
 
     c.peft = ml_collections.ConfigDict()
-    c.peft.methods = "lora"            # comma list of METHODS, e.g. "prompt,lora" or "full"
-    c.peft.prompt = ml_collections.ConfigDict(dict(
-        length=20, init="uniform", init_scale=0.5, placement="prefix", top_k=5000,
-        ranking="auto",     # sampled_vocab: "ids" (ids are frequency-ordered: SentencePiece),
-                            # "corpus" (rank ids by counts over the task's training texts),
-                            # "auto" (ids for SentencePiece, corpus for BPE/WordPiece)
-        text="",            # init="text": the text whose token embeddings start the prompt
-        file="",            # init="file": .npy [length, d] (SPoT transfer)
-        resize=""))         # init="file" with another length: "" (error) | truncate | tile
-    c.peft.prefix = ml_collections.ConfigDict(dict(length=10, projection_hidden=0))
-    c.peft.lora = ml_collections.ConfigDict(dict(
-        rank=8, alpha=16.0, dropout=0.0, targets=r".*/(query|value)$", rslora=False))
-    c.peft.adapter = ml_collections.ConfigDict(dict(placement="houlsby", bottleneck=64))
-    c.peft.ia3 = ml_collections.ConfigDict(dict(targets=r".*/(key|value|down)$",
-                                                feedforward=r".*/down$"))
-    c.peft.head = ml_collections.ConfigDict(dict(kind="linear", dropout=0.1))
+    c.peft.methods = "lora"            # comma list of registered methods, e.g. "prompt,lora"
+    # one group per registered method: config.peft.<name>.<option> (peft_jax.peft.method)
+    for name, cls in sorted(REGISTRY.items()):
+        if cls.options():
+            c.peft[name] = cls.config_defaults()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"        # adamw | adafactor | sgd
-    c.optim.lr = 1e-3
-    c.optim.head_lr = 0.0              # 0 = same as lr
-    c.optim.prompt_lr = 0.0            # 0 = same as lr (Lester et al.: 0.3 with adafactor)
+    c.optim.lr = 1e-3                  # the "default" group (LoRA, adapters, prefixes, base leaves)
+    c.optim.head_lr = 0.0              # group "head"; 0 = same as lr
+    c.optim.prompt_lr = 0.0            # group "prompt"; 0 = same as lr (Lester et al.: 0.3 with adafactor)
     c.optim.weight_decay = 0.0
     c.optim.schedule = "constant"      # constant | linear | cosine
     c.optim.warmup_steps = 0
@@ -118,19 +116,54 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def method_list(cfg) -> list[str]:
+    """The names in ``config.peft.methods``, in order."""
     return [m.strip() for m in cfg.peft.methods.split(",") if m.strip()]
 
 
+def method_context(cfg, **kw) -> BuildContext:
+    """A :class:`BuildContext` whose head settings follow ``config.task.format``."""
+    kind = "regression" if cfg.task.format == "regression" else "classification"
+    return BuildContext(cfg=cfg, head_kind=kind, **kw)
+
+
+def build_methods(cfg, ctx: BuildContext = None) -> tuple:
+    """The method objects of ``config.peft.methods`` (registry lookup, ``from_config``), plus
+    the task head the format needs. Errors name the config key."""
+    ctx = ctx or method_context(cfg)
+    names = method_list(cfg)
+    if cfg.task.format in HEAD_FORMATS and "head" not in names:
+        names.append("head")
+    out = []
+    for name in names:
+        try:
+            cls = method_class(name)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        section = cfg.peft[name] if name in cfg.peft else {}
+        try:
+            out.append(cls.from_config(section, ctx))
+        except OptionError as e:
+            raise ConfigError(option_error_message(e)) from None
+    return tuple(out)
+
+
+def option_error_message(e: OptionError) -> str:
+    return f"config.peft.{e.method}.{e.field}={e.value!r}: {e.problem}"
+
+
 def validate(cfg) -> None:
-    """Enumerations and combinations; raises ConfigError naming the key."""
+    """Enumerations, ranges and combinations; raises ConfigError naming the key."""
+    for old, new in RENAMED.items():
+        node = cfg
+        for part in old.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None:
+            raise ConfigError(f"config.{old}: this key was replaced by {new}")
     check_choice(cfg, "task.format", FORMATS)
     check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
     check_choice(cfg, "model.pooling", POOLINGS)
     check_choice(cfg, "model.dropout_impl", ("hash", "jax"))
     check_choice(cfg, "model.remat", ("none", "full", "dots"))
-    check_choice(cfg, "peft.prompt.init", PROMPT_INITS)
-    check_choice(cfg, "peft.prompt.placement", ("prefix", "after_bos", "suffix"))
-    check_choice(cfg, "peft.adapter.placement", ("houlsby", "pfeiffer"))
     check_choice(cfg, "optim.optimizer", ("adamw", "adafactor", "sgd"))
     check_choice(cfg, "optim.schedule", ("constant", "linear", "cosine"))
     check_choice(cfg, "task.demonstrations", ("", "random", "similarity"))
@@ -138,21 +171,33 @@ def validate(cfg) -> None:
     if cfg.task.demonstrations and cfg.task.format != "verbalizer":
         raise ConfigError(f"config.task.demonstrations={cfg.task.demonstrations!r} needs "
                           f"config.task.format='verbalizer' (got {cfg.task.format!r})")
-    methods = method_list(cfg)
-    if not methods:
-        raise ConfigError("config.peft.methods is empty; choose from " + ", ".join(METHODS))
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"config.peft.methods: unknown method {m!r}; choose from {list(METHODS)}")
-    if "full" in methods and len(methods) > 1 and set(methods) - {"full", "head"}:
-        raise ConfigError("config.peft.methods: 'full' fine-tuning trains every base weight; "
-                          f"combining it with {methods} makes no sense")
-    check_choice(cfg, "peft.prompt.ranking", ("auto", "ids", "corpus"))
-    check_choice(cfg, "peft.prompt.resize", ("", "truncate", "tile"))
-    if cfg.peft.prompt.init == "text" and "prompt" in methods and not cfg.peft.prompt.text:
-        raise ConfigError("config.peft.prompt.init='text' needs config.peft.prompt.text")
-    if cfg.peft.prompt.init == "file" and "prompt" in methods and not cfg.peft.prompt.file:
-        raise ConfigError("config.peft.prompt.init='file' needs config.peft.prompt.file (an .npy)")
+    names = method_list(cfg)
+    if not names:
+        raise ConfigError("config.peft.methods is empty; choose from " + ", ".join(sorted(REGISTRY)))
+    for name in names:
+        try:
+            cls = method_class(name)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        if cls.exclusive and set(names) - {name, "head"}:
+            raise ConfigError(f"config.peft.methods: {name!r} trains every base weight; "
+                              f"combining it with {[n for n in names if n != name]} makes no sense")
+        if name == "head" and cfg.task.format not in HEAD_FORMATS:
+            raise ConfigError(f"config.peft.methods: 'head' needs config.task.format "
+                              f"classification or regression (got {cfg.task.format!r}); "
+                              "the verbalizer format scores label words without a head")
+        if name in cfg.peft:   # the options alone (what needs the tokenizer comes later)
+            try:
+                cls(**cls.kwargs_from_config(cfg.peft[name]))
+            except OptionError as e:
+                if not (name == "prompt" and e.field in ("init", "length", "text")):
+                    raise ConfigError(option_error_message(e)) from None
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.peft.methods={cfg.peft.methods!r} names a method twice")
+    if cfg.train.batch_size <= 0:
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be positive")
+    if cfg.train.grad_accum <= 0:
+        raise ConfigError(f"config.train.grad_accum={cfg.train.grad_accum} must be positive")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"config.train.grad_accum={cfg.train.grad_accum}")

@@ -178,28 +178,3 @@ def test_text_to_text_targets(shared_data):
     enc = encode_text_to_text(ex, t5, task, template="{sentence} it was {mask} .")
     assert t5.decode(enc.features["input_ids"][0]) == "the film was good it was <extra_id_0> . </s>"
     assert t5.decode(enc.targets["targets"][0]) == "great </s>"
-
-
-def test_config_to_batches_user_file_and_kshot(shared_data, bert_tok):
-    from peft_jax.data import batches_from_config
-    news = {"name": "news", "files": {"test": str(shared_data / "ag_news" / "test.tsv")},
-            "columns": ["text", "label"], "text_fields": ["text"],
-            "label_names": ["World", "Sports", "Business", "Sci/Tech"],
-            "template": "{text} Topic: {mask}.",
-            "verbalizer": {"World": ["world"], "Sports": ["sports"], "Business": ["business"],
-                           "Sci/Tech": ["science", "technology"]}}
-    cfg = {"task": news, "split": "test", "format": "prompt", "family": "mlm", "max_len": 96,
-           "kshot": {"k": 8, "seed": 13}, "batch_size": 8, "buckets": (64, 128), "seed": 0,
-           "drop_remainder": False, "num_epochs": 1}
-    it = batches_from_config(cfg, bert_tok)
-    batches = list(it)
-    assert {b["input_ids"].shape for b in batches} <= {(8, 64), (8, 96)}  # buckets capped at max_len
-    real = [b["example_mask"] == 1 for b in batches]
-    labels = np.concatenate([b["label"][m] for b, m in zip(batches, real)])
-    assert np.bincount(labels).tolist() == [8, 8, 8, 8]
-    for b, m in zip(batches, real):
-        rows = np.nonzero(m)[0]
-        assert (b["input_ids"][rows, b["mask_pos"][rows, 0]] == bert_tok.mask_token_id).all()
-    assert it.constants["label_word_ids"].shape == (4, 2, 1)
-    with pytest.raises(DataError, match="unknown keys"):
-        batches_from_config({**cfg, "batchsize": 8}, bert_tok)

@@ -44,7 +44,6 @@ def test_soft_label_rows_encode_and_train_on_the_soft_loss(tiny, tmp_path):
     from peft_jax.experiment import setup
     from peft_jax.train.forward import make_loss_fn
     from peft_jax.train.losses import soft_label_loss
-    from peft_jax.experiment import assemble_fn
 
     model, task, _ = tiny
     extra = tmp_path / "soft.jsonl"
@@ -62,7 +61,7 @@ def test_soft_label_rows_encode_and_train_on_the_soft_loss(tiny, tmp_path):
     # the runner's loss on a batch with soft labels is the soft cross-entropy of its scores
     batch = {k: jnp.asarray(v) for k, v in next(iter(s.batches)).items() if k in
              ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "soft_label")}
-    v = assemble_fn(s.frozen, s.state.trainable)
+    v = s.ts.variables(s.frozen, s.state.trainable)
     loss, _ = make_loss_fn(s.exp.model, s.spec)(v, batch, None, True)
     from peft_jax.train.forward import scores
     y = scores(s.exp.model, s.spec, v, batch)
@@ -98,7 +97,7 @@ def test_bad_soft_labels_and_extra_rows_name_the_line(tiny, tmp_path):
 
 
 def test_predict_scores_are_in_example_order_across_buckets(tiny, tmp_path):
-    from peft_jax.experiment import predict_scores, setup
+    from peft_jax.experiment import setup
 
     model, task, _ = tiny
     cfg = tiny_config(model, task, str(tmp_path / "w"), methods="head,lora",
@@ -107,13 +106,13 @@ def test_predict_scores_are_in_example_order_across_buckets(tiny, tmp_path):
     texts = _texts(task["dev"])
     # long and short examples interleaved: bucketed batches reorder them
     ex = [{"text": (t + " ") * (1 + 4 * (i % 2))} for i, t in enumerate(texts[:12])]
-    got = predict_scores(s, s.state.trainable, ex)
-    one_by_one = np.concatenate([predict_scores(s, s.state.trainable, [e]) for e in ex])
+    got = s.predict_scores(s.state.trainable, ex)
+    one_by_one = np.concatenate([s.predict_scores(s.state.trainable, [e]) for e in ex])
     np.testing.assert_allclose(got, one_by_one, rtol=1e-5, atol=1e-6)
 
 
 def test_dev_selected_step_is_the_one_tested(tiny, tmp_path):
-    from peft_jax.experiment import evaluate, run_experiment
+    from peft_jax.experiment import run_experiment
 
     model, task, _ = tiny
     cfg = tiny_config(model, task, str(tmp_path / "w"), methods="head,lora",
@@ -127,14 +126,14 @@ def test_dev_selected_step_is_the_one_tested(tiny, tmp_path):
             evals[row["step"]] = row["eval/accuracy"]
     assert sorted(evals) == [2, 4, 6]
     best = max(evals.values())
-    assert res["selected_step"] in [k for k, a in evals.items() if a == best]
-    s = res["session"]
-    assert s.evaluate(res["selected"])["accuracy"] == best
-    assert res["test"]["accuracy"] == best      # test split == dev here: the selected state's
-    assert res["metrics"]["accuracy"] == evals[6]   # "metrics": the last evaluation
+    assert res.row["selected_step"] in [k for k, a in evals.items() if a == best]
+    s = res.session
+    assert s.evaluate(res.selected)["accuracy"] == best
+    assert res.row["test"]["accuracy"] == best      # test split == dev here: the selected state's
+    assert res.row["metrics"]["accuracy"] == evals[6]   # "metrics": the last evaluation
     from peft_jax.peft.delta_io import flatten_delta, load_delta
     saved, _ = load_delta(os.path.join(cfg.workdir, "delta"))
-    want = flatten_delta(jax.device_get(res["selected"]))
+    want = flatten_delta(jax.device_get(res.selected))
     got = flatten_delta(saved)
     assert sorted(got) == sorted(want)
     for k in want:                                  # the saved delta is the selected one
@@ -149,7 +148,7 @@ def test_init_from_delta_loads_matching_leaves_and_refreshes_the_rest(tiny, tmp_
     src = tiny_config(model, task, str(tmp_path / "src"), methods="head,lora",
                       **{"train.steps": 3})
     res = run_experiment(src)
-    saved = flatten_delta(jax.device_get(res["state"].trainable))
+    saved = flatten_delta(jax.device_get(res.state.trainable))
     # a 3-class target: LoRA leaves come from the source, the head is fresh
     tgt = tiny_config(model, task, str(tmp_path / "tgt"), methods="head,lora",
                       **{"train.init_from": os.path.join(src.workdir, "delta"),
@@ -208,7 +207,7 @@ def test_demonstrations_through_the_runner_encoder(minilm_path):
     c.task.format, c.task.demonstrations, c.task.max_length, c.seed = "verbalizer", "random", 64, 3
     task = get_task("lmbff/sst2")
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    exp = types.SimpleNamespace(cfg=c, task=task, pre=types.SimpleNamespace(tokenizer=tok, kind="encoder"),
+    exp = types.SimpleNamespace(cfg=c, task=task, pre=types.SimpleNamespace(tokenizer=tok), kind="encoder",
                                 embedder=None)
     pool = task.load("train-13")
     queries = task.load("dev-13")[:6]

@@ -135,7 +135,8 @@ def test_round_trip_bit_exact_every_kind(fam_bert, tmp_path):
     H.export_method(str(tmp_path / "ia3"), delta, ia3, hf_module_name=name_fn)
     back, info = H.import_hf_peft(str(tmp_path / "ia3"), base=f.base, hf_module_name=name_fn)
     _assert_bit_exact(delta, back)
-    assert info["feedforward"] == ["encoder/layer_0/mlp/down", "encoder/layer_1/mlp/down"]
+    ff = [p for p in info["modules"] if info["method"].is_feedforward(p)]
+    assert ff == ["encoder/layer_0/mlp/down", "encoder/layer_1/mlp/down"]
 
     prompt = PromptTuning(length=5)
     delta = _randomize(f.init([prompt]), 3)
@@ -204,7 +205,7 @@ def test_ia3_both_directions_bert(fam_bert, tmp_path):
     pm.save_pretrained(str(tmp_path / "hf"))
     delta, info = H.import_hf_peft(str(tmp_path / "hf"), base=f.base,
                                    hf_module_name=f.mod.hf_module_name)
-    assert "encoder/layer_0/attention/out" in info["feedforward"]  # attention.output.dense too
+    assert info["method"].is_feedforward("encoder/layer_0/attention/out")  # attention.output.dense too
     assert f.compare(f.ours([info["method"]], delta), f.theirs(pm)) <= TOL
 
 
@@ -251,7 +252,7 @@ def test_prefix_tuning_seq2seq_refused_both_directions(tmp_path):
     k = np.ones((3, 2, 4), np.float32)
     delta = {"decoder": {"layer_0": {"attention": {"prefix_key": k, "prefix_value": 2 * k}}}}
     with pytest.raises(NotImplementedError, match="SEQ_2_SEQ_LM"):
-        H.export_hf_peft(str(tmp_path / "ours"), delta, "prefix", task_type="SEQ_2_SEQ_LM")
+        H.export_method(str(tmp_path / "ours"), delta, PrefixTuning(3), task_type="SEQ_2_SEQ_LM")
     assert not os.path.exists(tmp_path / "ours")
 
     config = t5.T5Config.tiny()
@@ -281,8 +282,8 @@ def test_import_errors(fam_bert, tmp_path):
         H.import_hf_peft(other, base=f.base, hf_module_name=f.mod.hf_module_name)
     cfg_path = os.path.join(folder, "adapter_config.json")
     cfg = json.load(open(cfg_path))
-    json.dump(dict(cfg, use_dora=True), open(cfg_path, "w"))
-    with pytest.raises(CheckpointError, match=r"use_dora=True is not supported"):
+    json.dump(dict(cfg, lora_bias=True), open(cfg_path, "w"))
+    with pytest.raises(CheckpointError, match=r"lora_bias=True is not supported"):
         H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
     json.dump(dict(cfg, peft_type="LOHA"), open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"peft_type='LOHA' is not supported"):

@@ -9,6 +9,7 @@ import pytest
 
 from peft_jax.models.bert import BertConfig, BertModel
 from peft_jax.peft import partition as P
+from peft_jax.peft import tree
 from peft_jax.peft.optim import GroupConfig, make_optimizer, make_schedule, make_group_optimizer
 
 
@@ -76,7 +77,7 @@ def test_select_base_bitfit_and_combine(tiny):
     all_bias = [p for p, _ in P.leaf_paths(base) if p.endswith("/bias")]
     assert sorted(sel_paths) == sorted(all_bias) and len(all_bias) == 1 + 8 * 2 + 1
     assert not any(p.endswith("bias") for p, _ in P.leaf_paths(rest))
-    back = P.combine(rest, sel)
+    back = tree.merge(rest, sel)
     assert jax.tree.structure(back) == jax.tree.structure(base)
     for (pa, a), (pb, b) in zip(P.leaf_paths(back), P.leaf_paths(base)):
         assert pa == pb and a is b
@@ -191,7 +192,7 @@ def test_no_optimizer_state_for_frozen_leaves(tiny):
     lora_bytes = P.optimizer_state_bytes(adam(lora_labels), lora_tr)
     # full fine-tuning: every base leaf too
     full_tr, frozen = P.split_trainable(base, delta, P.full_finetuning_patterns())
-    assert frozen == {}
+    assert frozen == {"params": {}, "peft": {}}
     full_bytes = P.optimizer_state_bytes(adam(P.label_tree(full_tr, [(r".*", "t")])), full_tr)
     count_bytes = 8  # int32 step counts of scale_by_adam and of the lr schedule
     assert lora_bytes == 2 * P.tree_bytes(delta) + count_bytes

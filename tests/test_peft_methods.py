@@ -115,19 +115,20 @@ def test_merged_lora_equals_unmerged(bert):
     delta = _randomize(P.init_delta(model, base, BATCH, jax.random.PRNGKey(1)),
                        jax.random.PRNGKey(5))
     unmerged = model.apply({"params": base, "peft": delta}, **BATCH)["hidden_states"]
-    merged_base = P.merge_lora(base, delta, lora)
+    merged_base = lora.merge(base, delta)
     merged = BertModel(config).apply({"params": merged_base}, **BATCH)["hidden_states"]
     plain = BertModel(config).apply({"params": base}, **BATCH)["hidden_states"]
     err = float(jnp.max(jnp.abs(merged - unmerged)))
     print(f"\nmerged vs unmerged LoRA max abs err {err:.2e}")
     assert err <= 1e-5
     assert float(jnp.max(jnp.abs(plain - unmerged))) > 1e-3  # the LoRA does something
-    restored = P.unmerge_lora(merged_base, delta, lora)
+    restored = P.unmerge(merged_base, delta, [lora])
     for k, v in _leaves(base).items():
         np.testing.assert_allclose(_leaves(restored)[k], v, atol=1e-6, err_msg=k)
-    assert P.strip_leaves(delta) == {}
+    assert P.strip_leaves(delta, [lora]) == {}
+    assert P.merge(base, delta, [lora]).keys() == base.keys()
     boxed = BertModel(config).init(jax.random.PRNGKey(0), **BATCH)["params"]  # nn.Partitioned leaves
-    merged_boxed = P.merge_lora(boxed, delta, lora)["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    merged_boxed = lora.merge(boxed, delta)["encoder"]["layer_0"]["attention"]["query"]["kernel"]
     assert isinstance(merged_boxed, nn.Partitioned) and merged_boxed.names == ("embed", "joined_kv")
 
 
@@ -145,7 +146,7 @@ def test_ia3_identity_at_init_and_merge(bert):
                                   plain)
     delta = _randomize(delta, jax.random.PRNGKey(4), 0.3)
     out = model.apply({"params": base, "peft": delta}, **BATCH)["hidden_states"]
-    merged = BertModel(config).apply({"params": P.merge_ia3(base, delta, ia3)}, **BATCH)["hidden_states"]
+    merged = BertModel(config).apply({"params": ia3.merge(base, delta)}, **BATCH)["hidden_states"]
     err = float(jnp.max(jnp.abs(out - merged)))
     print(f"\nmerged vs unmerged IA3 max abs err {err:.2e}")
     assert err <= 1e-5 and float(jnp.max(jnp.abs(out - plain))) > 1e-3
@@ -153,13 +154,13 @@ def test_ia3_identity_at_init_and_merge(bert):
 
 def test_unmatched_regex_is_a_clear_error(bert):
     config, base = bert
-    with pytest.raises(ValueError, match=r"LoRA.targets='\.\*/no_such_proj\$' matched no dense"):
+    with pytest.raises(ValueError, match=r"lora.targets='\.\*/no_such_proj\$': matched no dense"):
         P.init_delta(BertModel(config, slots=Slots((P.LoRA(targets=r".*/no_such_proj$"),))),
                      base, BATCH, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="IA3.targets='.*q_proj.*' matched no dense"):
+    with pytest.raises(ValueError, match="ia3.targets='.*q_proj.*': matched no dense"):
         P.init_delta(BertModel(config, slots=Slots((P.IA3(targets=r".*/q_proj$"),))),
                      base, BATCH, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="PrefixTuning.targets"):
+    with pytest.raises(ValueError, match="prefix.targets"):
         P.init_delta(BertModel(config, slots=Slots((P.PrefixTuning(2, targets="nothing"),))),
                      base, BATCH, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="invalid regex"):
@@ -232,7 +233,7 @@ def test_file_init_and_shape_errors(bert, tmp_path):
     config, base = bert
     good = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
     np.save(tmp_path / "p4.npy", good)
-    method = P.PromptTuning(4, init="file", init_file=str(tmp_path / "p4.npy"))
+    method = P.PromptTuning(4, init="file", file=str(tmp_path / "p4.npy"))
     delta = P.init_delta(BertModel(config, slots=Slots((method,))), base, BATCH, jax.random.PRNGKey(1))
     np.testing.assert_array_equal(delta["prompt"], good)
     path = str(tmp_path / "p4.npy")
@@ -244,13 +245,18 @@ def test_file_init_and_shape_errors(bert, tmp_path):
                                   np.concatenate([good, good[:2]]))
     np.testing.assert_array_equal(prompt_init.from_file(path, 3, "truncate"), good[:3])
     with pytest.raises(ValueError, match="too few rows"):
-        prompt_init.from_file(path, 6, allow_resize="truncate")
+        prompt_init.from_file(path, 6, resize="truncate")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="obj.npy"):
         prompt_init.from_file(str(tmp_path / "obj.npy"), 4)
     with pytest.raises(ValueError, match="set_prompt: prompt 'prompt' has shape"):
         P.set_prompt(delta, np.zeros((5, 32)))
     np.testing.assert_array_equal(P.set_prompt(delta, good * 2)["prompt"], good * 2)
+    bad = good.copy()
+    bad[1, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(ValueError, match=r"nan\.npy.* 1 non-finite value"):
+        prompt_init.from_file(str(tmp_path / "nan.npy"), 4)
 
 
 # ----------------------------------------------------------------------------- others

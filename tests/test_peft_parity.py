@@ -202,7 +202,7 @@ def test_lora_parity_minilm_real_weights(minilm_path):
     out = model.apply({"params": base, "peft": delta}, **batch)["hidden_states"]
     _report("LoRA r=8 on all-MiniLM-L6-v2 (real weights)", out, theirs,
             np.broadcast_to(enc["attention_mask"][..., None], theirs.shape))
-    merged = bert.BertModel(config).apply({"params": P.merge_lora(base, delta, lora)}, **batch)
+    merged = bert.BertModel(config).apply({"params": lora.merge(base, delta)}, **batch)
     pm.merge_adapter()
     with torch.no_grad():
         theirs_merged = pm(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()

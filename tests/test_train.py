@@ -64,10 +64,10 @@ def test_sharded_equals_single_device(tiny, reference, method, mesh):
     over = {f"mesh.{k}": v for k, v in MESHES[mesh].items()}
     res = _run(tiny_config(model, task, str(root / f"{method}_{mesh}"), method, **over))
     ref = reference[method]
-    d = _max_diff(res["state"].trainable, ref["state"].trainable)
+    d = _max_diff(res.state.trainable, ref.state.trainable)
     print(f"{method} mesh {mesh}: max |delta diff| = {d:.2e}")
     assert d <= 1e-5
-    assert res["metrics"] == pytest.approx(ref["metrics"], abs=1e-6)
+    assert res.row["metrics"] == pytest.approx(ref.row["metrics"], abs=1e-6)
 
 
 def test_base_bit_identical_and_no_optimizer_state_for_frozen(tiny, reference):
@@ -77,12 +77,14 @@ def test_base_bit_identical_and_no_optimizer_state_for_frozen(tiny, reference):
     model, _, _ = tiny
     base = load_pretrained(model).base
     res = reference["lora"]
-    assert jax.tree.structure(base) == jax.tree.structure(jax.device_get(res["frozen"]))
-    for a, b in zip(_leaves(base), _leaves(res["frozen"])):
+    assert res.frozen["peft"] == {}   # no method-owned frozen state with LoRA + head
+    frozen_base = res.frozen["params"]
+    assert jax.tree.structure(base) == jax.tree.structure(jax.device_get(frozen_base))
+    for a, b in zip(_leaves(base), _leaves(frozen_base)):
         assert a.dtype == b.dtype and np.array_equal(a, b)
-    trainable = res["state"].trainable
+    trainable = res.state.trainable
     # AdamW keeps mu and nu: exactly 2x the trainable leaves, nothing for the frozen base.
-    opt_leaves = [x for x in jax.tree.leaves(res["state"].opt_state) if np.ndim(x) > 0]
+    opt_leaves = [x for x in jax.tree.leaves(res.state.opt_state) if np.ndim(x) > 0]
     assert sum(int(np.size(x)) for x in opt_leaves) == 2 * tree_size(trainable)
     assert tree_size(trainable) < 0.01 * tree_size(base)
 
@@ -240,9 +242,9 @@ from peft_jax.experiment import run_experiment
 cfg = tiny_config({model!r}, {task!r}, out + "/wd", "lora", **{{"mesh.data": 8}})
 r = run_experiment(cfg)
 if jax.process_index() == 0:
-    flat = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(r["state"].trainable))]
+    flat = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(r.state.trainable))]
     np.savez(out + "/delta.npz", *flat)
-    import json; json.dump(r["metrics"], open(out + "/metrics.json", "w"))
+    import json; json.dump(r.row["metrics"], open(out + "/metrics.json", "w"))
 """)
     def launch(n, out):
         os.makedirs(out, exist_ok=True)
@@ -271,21 +273,25 @@ def test_cli_eval_export_params(tiny, uninterrupted):
     acc = float(p.stdout.strip().split("accuracy=")[1].split()[0])
     assert acc == pytest.approx(res["metrics"]["accuracy"], abs=1e-6)
     out = root / "exported"
-    _cli(["export", "--config", cfg, "--format", "hf-peft", "--out", str(out / "hf")])
-    cfg_json = json.load(open(out / "hf" / "adapter_config.json"))
-    assert cfg_json["peft_type"] == "LORA" and cfg_json["r"] == 4
-    _cli(["export", "--config", cfg, "--format", "merged", "--out", str(out / "merged")])
-    from peft_jax.models.registry import load_pretrained
-    merged = load_pretrained(str(out / "merged"))
-    assert merged.config.num_layers == 2
+    # the task head cannot go into an HF PEFT adapter or a merged base: refused, naming it
+    p = _cli(["export", "--config", cfg, "--format", "hf-peft", "--out", str(out / "hf")], check=False)
+    assert p.returncode == 2 and "['lora', 'head']" in p.stderr and not (out / "hf").exists()
+    p = _cli(["export", "--config", cfg, "--format", "merged", "--out", str(out / "m")], check=False)
+    assert p.returncode == 2 and "head cannot be folded" in p.stderr and not (out / "m").exists()
+    _cli(["export", "--config", cfg, "--format", "delta", "--out", str(out / "delta")])
+    from peft_jax.peft.delta_io import load_delta
+    delta, meta = load_delta(str(out / "delta"))
+    assert [m["type"].rsplit(".", 1)[-1] for m in meta["methods"]] == ["LoRA", "Head"]
+    assert "head" in delta["peft"] and delta["peft"]["encoder"]["layer_0"]["attention"]["query"]["lora_b"].any()
     p = _cli(["params", "--config", cfg])
-    assert "lora" in p.stdout.lower() and "%" in p.stdout
+    assert "lora" in p.stdout.lower() and "head" in p.stdout and "%" in p.stdout
 
 
 def test_prompt_initializers_wired_from_config(tiny):
     """class_labels rows are the label words' embeddings; sampled_vocab rows come from the
     top-k ids of a corpus ranking (WordPiece ids are not frequency-ordered)."""
-    from peft_jax.experiment import corpus_ranking, setup
+    from peft_jax.experiment import setup
+    from peft_jax.peft.prompt import corpus_ranking
 
     model, task, root = tiny
     cfg = tiny_config(model, task, str(root / "pinit"), "prompt", **{
@@ -313,11 +319,11 @@ def test_bf16_compute_keeps_fp32_delta_and_grad_accum_matches(tiny):
     """bf16 compute trains with fp32 deltas; grad_accum=2 equals one batch of the same size."""
     model, task, root = tiny
     res = _run(tiny_config(model, task, str(root / "bf16"), "lora", **{"model.dtype": "bfloat16"}))
-    assert all(x.dtype == np.float32 for x in _leaves(res["state"].trainable))
-    assert np.isfinite(res["metrics"]["accuracy"])
+    assert all(x.dtype == np.float32 for x in _leaves(res.state.trainable))
+    assert np.isfinite(res.row["metrics"]["accuracy"])
     # without dropout (micro-batches draw other dropout masks than one big batch)
     nodrop = write_tiny_bert(str(root / "model_nodrop"), model, dropout=0.0)
     one = _run(tiny_config(nodrop, task, str(root / "acc1"), "lora", **{"optim.optimizer": "sgd"}))
     two = _run(tiny_config(nodrop, task, str(root / "acc2"), "lora", **{"optim.optimizer": "sgd",
                                                                         "train.grad_accum": 2}))
-    assert _max_diff(one["state"].trainable, two["state"].trainable) <= 1e-5
+    assert _max_diff(one.state.trainable, two.state.trainable) <= 1e-5

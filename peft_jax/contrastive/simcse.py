@@ -9,10 +9,12 @@ training only; embeddings come from the pooled output without it (SimCSE's
 
 What trains is decided like every other run: PEFT methods (e.g. LoRA -> "LoRA-SimCSE") fill
 the model's slots and their delta trains with the head; ``full_finetune=True`` also trains
-every base leaf (``peft.partition.full_finetuning_patterns``). The step is
-``train.step.make_train_step`` and the loop ``train.loop.run_loop``; with a ``mesh`` the
-batch is sharded on its leading axis and the loss is computed on the global arrays, so the
-in-batch negatives are those of the global batch.
+every base leaf (the ``full`` method). The state comes from the one train-state builder
+(``train.builder.build_train_state``: the projection head is a ``Head(kind="projection")``
+method), the step is ``train.step.make_train_step`` and the loop ``train.loop.run_loop``;
+with a ``mesh`` the base is sharded by the rules table, the batch on its leading axis, and
+the loss is computed on the global arrays, so the in-batch negatives are those of the
+global batch.
 
 Supervised SimCSE (:func:`train_simcse_supervised`): batches of NLI triplets (anchor,
 entailment positive, contradiction hard negative; :mod:`peft_jax.contrastive.nli`) run as
@@ -34,8 +36,11 @@ import optax
 from peft_jax.contrastive.embed import Embedder, embed_outputs, make_tokenizer
 from peft_jax.contrastive.losses import contrastive_accuracy, sup_simcse_loss, unsup_simcse_loss
 from peft_jax.models.slots import Slots
+from peft_jax.parallel.mesh import shard_batch
 from peft_jax.peft import heads
-from peft_jax.peft.partition import assemble, full_finetuning_patterns, split_trainable
+from peft_jax.peft.base_rules import FullFinetuning
+from peft_jax.peft.heads import Head
+from peft_jax.train.builder import build_train_state
 from peft_jax.train.loop import LoopConfig, LoopResult, run_loop
 from peft_jax.train.step import TrainState, jit_train_step, make_train_step
 
@@ -317,39 +322,31 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
         raise ValueError(f"{name}: nothing to train; give PEFT methods or full_finetune=True")
     config = with_dropout(pretrained.config, cfg.dropout)
     pre = dataclasses.replace(pretrained, config=config)
-    model = pre.build(Slots(tuple(methods)))
+    methods = (tuple(methods) + ((FullFinetuning(),) if full_finetune else ())
+               + ((Head(kind="projection", dropout=0.0, num_labels=0, d_model=pre.d_model),)
+                  if cfg.use_head else ()))
+    model = pre.build(Slots(methods))
     tokenizer = make_tokenizer(pre.tokenizer, cfg.max_length)
     batches = batches_of(tokenizer, cfg.seed)
-    rng = jax.random.PRNGKey(cfg.seed)
-    rng, delta_rng, head_rng = jax.random.split(rng, 3)
-    base = jax.tree.map(jnp.asarray, pre.base)
-    delta: dict = {}
-    if methods:
-        from peft_jax.peft import init_delta
-        first = batches._batch(batches._order[:cfg.batch_size])  # shapes only; no state change
-        example = {k: first[k] for k in ("input_ids", "attention_mask")}
-        delta = dict(init_delta(model, base, example, delta_rng))
-    head = None
-    if cfg.use_head:
-        head = init_head(head_rng, pre.d_model)
-        delta["head"] = head
-    trainable, frozen = split_trainable(base, delta,
-                                        full_finetuning_patterns() if full_finetune else ())
-    tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
-    if cfg.clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    step = make_train_step(loss_fn_of(model), assemble, tx)
+
+    def make_tx(_trainable):
+        tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx
+
+    inputs = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32)}
+    ts = build_train_state(model, pre.base, methods, inputs, jax.random.PRNGKey(cfg.seed),
+                           make_tx, mesh=mesh)
+    frozen, state = ts.frozen, ts.state
+    step = make_train_step(loss_fn_of(model), ts.variables, ts.tx)
     if mesh is not None:
-        from peft_jax.parallel.mesh import replicate, shard_batch
-        trainable, frozen = replicate(trainable, mesh), replicate(frozen, mesh)
         shard = lambda b: shard_batch(b, mesh)
+        train_step = jit_train_step(step, ts.state_sh, ts.frozen_sh, None)
     else:
         shard = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
-    state = TrainState.create(trainable, tx, rng)
-    train_step = jit_train_step(step)
+        train_step = jit_train_step(step)
 
     def variables_of(st: TrainState) -> dict:
-        return model_variables(assemble(frozen, st.trainable))
+        return model_variables(ts.variables(frozen, st.trainable))
 
     loop_eval = None
     if eval_fn is not None:
@@ -362,6 +359,5 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
                       examples_per_step=cfg.batch_size,
                       meta_fn=lambda: {"data": batches.get_state()})
     variables = variables_of(result.state)
-    head_out = (assemble(frozen, result.state.trainable)["peft"].get("head")
-                if cfg.use_head else None)
+    head_out = result.state.trainable["peft"].get("head") if cfg.use_head else None
     return SimCSEResult(model=model, variables=variables, head=head_out, loop=result)

@@ -21,8 +21,7 @@ Registered tasks (files read from ``<repo>/../shared/data``, or $PEFT_JAX_DATA):
 - Any prepared TFDS dataset: ``tfds:<name>`` (e.g. ``tfds:glue/mnli``), read without TensorFlow.
 - Your own file: ``task_from_config({...})`` (see peft_jax.data.userfile).
 
-From a config to batches in one call: ``batches_from_config(cfg, tokenizer, shard_index,
-shard_count)`` (see peft_jax.data.pipeline).
+A run's data assembly (which examples, encoded how) is ``peft_jax.runner.data``.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from peft_jax.data.fewshot import (lmbff_kshot, lmbff_protocol, sample_kshot, se
                                    unlabelled)
 from peft_jax.data.metrics import compute_metrics
 from peft_jax.data.mixtures import mix, mixture_rates
-from peft_jax.data.pipeline import batches_from_config, encode_from_config
 from peft_jax.data.readers import DataError, data_root
 from peft_jax.data.tasks import Example, Task, TaskRegistry
 from peft_jax.data.templates import parse_template

@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.data import make_batches
+from peft_jax.data.tokenize import encode_prompt
+from peft_jax.train.forward import label_word_scores
+
 Array = Any
 
 
@@ -25,9 +29,6 @@ def answer_states(pre: Any, task: Any, examples: Sequence[dict], template: Optio
     ``pre``: a :class:`peft_jax.models.registry.Pretrained` (``kind`` encoder or decoder);
     ``variables``: defaults to the frozen base ``{"params": pre.base}``.
     """
-    from peft_jax.data import make_batches
-    from peft_jax.data.tokenize import encode_prompt
-    from peft_jax.train.forward import label_word_scores
 
     if pre.kind not in ("encoder", "decoder"):
         raise ValueError(f"answer_states: model kind {pre.kind!r}; encoder or decoder models only")
@@ -75,8 +76,6 @@ def answer_logprobs(pre: Any, task: Any, examples: Sequence[dict], template: Opt
                     max_len: int = 128, batch_size: int = 32) -> np.ndarray:
     """Log-probabilities over the whole vocabulary at the answer position ``[n, V]`` (the
     candidates of automatic label-word search). Needs a model with an LM head."""
-    from peft_jax.data import make_batches
-    from peft_jax.data.tokenize import encode_prompt
 
     family = {"encoder": "mlm", "decoder": "causal"}.get(pre.kind)
     if family is None:

@@ -39,6 +39,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from peft_jax.contrastive.embed import Embedder, make_tokenizer
+from peft_jax.data import get_task
+from peft_jax.data.fewshot import unlabelled
+from peft_jax.defaults import base_config
+from peft_jax.fewshot import pet, protoverb_frozen, self_training
+from peft_jax.models.registry import load_pretrained
+from peft_jax.runner import RunResult, encode_split, load_examples, run_experiment, setup
+from peft_jax.runner.results import flat_config, write_json
+
 METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "head", "protoverb",
            "protoverb_mean", "pet", "selftrain", "intermediate", "multitask")
 LM_METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "pet")
@@ -94,7 +103,6 @@ class Budget:
 def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
                   workdir: str):
     """The runner config of one (method, task, seed) run."""
-    from peft_jax.defaults import base_config
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
@@ -137,8 +145,7 @@ def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
 
 
 def _row(cfg, method: str, res: dict, t0: float, **extra) -> dict:
-    from peft_jax.experiment import _flat_config
-    row = {"name": cfg.name, "status": "finished", "config": _flat_config(cfg),
+    row = {"name": cfg.name, "status": "finished", "config": flat_config(cfg),
            "metrics": res.get("test", res.get("metrics", {})), "dev": res.get("metrics", {}),
            "selected_step": res.get("selected_step"), "steps": res.get("steps", 0),
            "trainable_params": res.get("trainable_params", 0),
@@ -149,16 +156,13 @@ def _row(cfg, method: str, res: dict, t0: float, **extra) -> dict:
 
 
 def write_row(cfg, row: dict) -> dict:
-    from peft_jax.experiment import _write_json
     os.makedirs(cfg.workdir, exist_ok=True)
-    _write_json(os.path.join(cfg.workdir, "result.json"), row)
+    write_json(os.path.join(cfg.workdir, "result.json"), row)
     return row
 
 
 def untrained(cfg, pre: Any) -> dict:
     """Zero-shot / in-context: dev and test metrics of the base model (LoRA B = 0)."""
-    from peft_jax.experiment import encode_split, load_examples, setup
-
     s = setup(cfg, pre)
     test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, 0)
     return {"metrics": s.evaluate(s.state.trainable),
@@ -170,18 +174,13 @@ class Interrupted(RuntimeError):
     """A run stopped early (SIGTERM / preemption): no row is written for it."""
 
 
-def train(cfg, pre: Any) -> dict:
+def train(cfg, pre: Any) -> RunResult:
     """One runner training with dev selection and a test evaluation of the selected step."""
-    from peft_jax.experiment import run_experiment
     res = run_experiment(cfg, pretrained=pre)
-    if res["status"] != "finished":
-        raise Interrupted(f"{cfg.workdir}: run {res['status']} at step {res['steps']}; "
+    if res.row["status"] != "finished":
+        raise Interrupted(f"{cfg.workdir}: run {res.row['status']} at step {res.row['steps']}; "
                           "no result row written (rerun the command to redo this seed)")
     return res
-
-
-def plain(res: dict) -> dict:
-    return {k: v for k, v in res.items() if k not in ("state", "frozen", "selected", "session")}
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,8 +193,6 @@ def _norm(text: str) -> str:
 def unlabelled_pool(task_name: str, seed: int, n: int) -> list[dict]:
     """``n`` in-domain examples without labels: the task's full data (``UNLABELLED``) minus
     every sentence of its test file and of this seed's train/dev shots; seeded sample."""
-    from peft_jax.data import get_task
-    from peft_jax.data.fewshot import unlabelled
 
     if task_name not in UNLABELLED:
         raise ValueError(f"no unlabelled source for {task_name}; known: {sorted(UNLABELLED)}")
@@ -224,7 +221,6 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
 def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str,
             pre: Any = None) -> dict:
     """Run ``method`` for one seed and write its row; returns the row."""
-    from peft_jax.models.registry import load_pretrained
 
     cfg = method_config(method, task, seed, model, budget, workdir)
     t0 = time.perf_counter()
@@ -235,7 +231,7 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
     if method in ("zeroshot", "incontext"):
         return write_row(cfg, _row(cfg, method, untrained(cfg, pre), t0))
     if method in ("prompt", "prompt_demo", "head"):
-        return write_row(cfg, _row(cfg, method, plain(train(cfg, pre)), t0))
+        return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0))
     if method == "pet":
         return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0))
     if method == "selftrain":   # STraTA: teacher and students start from the intermediate task
@@ -248,16 +244,13 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
         cfg.task.mixture_cap = budget.mixture_cap
         cfg.train.steps = budget.source_steps
         cfg.train.eval_every = max(1, budget.source_steps // 5)
-        return write_row(cfg, _row(cfg, method, plain(train(cfg, pre)), t0,
+        return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0,
                                    mixture=cfg.task.mixture))
     raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
 
 
 def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
                   representation: str = "mask") -> dict:
-    from peft_jax.contrastive.embed import Embedder, make_tokenizer
-    from peft_jax.fewshot import protoverb_frozen
-    from peft_jax.models.registry import load_pretrained
 
     pre = pre or load_pretrained(cfg.model.name)
     embed = None
@@ -280,10 +273,6 @@ def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
 
 def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
     """PET: ``budget.pvps`` prompt models -> soft labels on unlabelled data -> distilled student."""
-    from peft_jax.experiment import load_examples, predict_scores, setup
-    from peft_jax.fewshot import pet
-    from peft_jax.models.registry import load_pretrained
-
     pvps = PVPS[PVP_SETS.get(task, "")][:budget.pvps] if task in PVP_SETS else None
     if not pvps:
         raise ValueError(f"PET: no pattern-verbalizer pairs for {task}; known: {sorted(PVP_SETS)}")
@@ -303,12 +292,12 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
             test_acc = done["metrics"]["accuracy"]
         else:
             res = train(c, pre)
-            s, selected = res["session"], res["selected"]
-            dev_acc, test_acc = res["metrics"].get("accuracy"), res["test"]["accuracy"]
+            s, selected = res.session, res.selected
+            dev_acc, test_acc = res.row["metrics"].get("accuracy"), res.row["test"]["accuracy"]
         if test_ex is None:
             test_ex = load_examples(s.exp, c.task.test_split, c.task.max_test_examples, 0)
-        soft_scores.append(predict_scores(s, selected, pool))
-        test_scores.append(predict_scores(s, selected, test_ex))
+        soft_scores.append(s.predict_scores(selected, pool))
+        test_scores.append(s.predict_scores(selected, test_ex))
         per_pvp.append({"template": template, "label_words": words, "test_accuracy": test_acc,
                         "dev_accuracy": dev_acc, "reused_prompt_run": done is not None})
     soft = pet.ensemble_soft_labels(soft_scores, temperature=budget.pet_temperature)
@@ -324,7 +313,7 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
     st.train.batch_size = 16
     st.train.eval_every = max(1, budget.student_steps // 5)
     student_pre = pre if budget.pet_student == cfg.model.name else load_pretrained(budget.pet_student)
-    res = plain(train(st, student_pre))
+    res = train(st, student_pre).row
     return _row(cfg, "pet", res, t0, pvps=per_pvp, ensemble_test_accuracy=ens_acc,
                 unlabelled=len(pool), student=budget.pet_student)
 
@@ -351,9 +340,6 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
                   init_from: str = "") -> dict:
     """Teacher on the shots; each round pseudo-labels the pool above ``threshold`` (balanced
     per class) and trains a fresh student on shots + pseudo-labels; the student teaches next."""
-    from peft_jax.experiment import predict_scores
-    from peft_jax.fewshot import pet, self_training
-
     pool = unlabelled_pool(task, seed, budget.unlabelled)
     base = method_config("head", task, seed, cfg.model.name, budget, cfg.workdir)
     base.train.init_from = init_from
@@ -361,9 +347,9 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
     c = base.copy_and_resolve_references()
     c.workdir = os.path.join(cfg.workdir, "round0")
     res = train(c, pre)
-    rounds.append({"round": 0, "pseudo": 0, "test_accuracy": res["test"]["accuracy"]})
+    rounds.append({"round": 0, "pseudo": 0, "test_accuracy": res.row["test"]["accuracy"]})
     for r in range(1, budget.rounds + 1):
-        probs = pet.softmax(predict_scores(res["session"], res["selected"], pool))
+        probs = pet.softmax(res.session.predict_scores(res.selected, pool))
         kept = self_training.pseudo_labelled(pool, probs, budget.threshold,
                                              max_per_class=len(pool) // probs.shape[1])
         extra = _write_jsonl(os.path.join(cfg.workdir, f"pseudo{r}.jsonl"), kept)
@@ -374,8 +360,8 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
         c.train.batch_size = 16
         c.train.eval_every = max(1, budget.student_steps // 5)
         res = train(c, pre)
-        rounds.append({"round": r, "pseudo": len(kept), "test_accuracy": res["test"]["accuracy"]})
-    return _row(cfg, "selftrain", plain(res), t0, rounds=rounds, threshold=budget.threshold,
+        rounds.append({"round": r, "pseudo": len(kept), "test_accuracy": res.row["test"]["accuracy"]})
+    return _row(cfg, "selftrain", res.row, t0, rounds=rounds, threshold=budget.threshold,
                 unlabelled=len(pool), init_from=init_from)
 
 
@@ -409,4 +395,4 @@ def source_delta(cfg, task: str, budget: Budget, pre: Any) -> str:
 def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
     """Source tasks (``SOURCES``, as one mixture) first, then the target from that delta."""
     cfg.train.init_from = source_delta(cfg, task, budget, pre)
-    return _row(cfg, "intermediate", plain(train(cfg, pre)), t0, source=SOURCES[task])
+    return _row(cfg, "intermediate", train(cfg, pre).row, t0, source=SOURCES[task])

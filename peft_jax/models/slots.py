@@ -64,11 +64,19 @@ def module_path(module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
+SLOT_HOOKS = ("input_embeddings", "dense", "attention_kv", "sublayer")
+
+
 @dataclasses.dataclass(frozen=True)
 class Slots:
-    """The ordered, hashable set of PEFT methods acting on a model."""
+    """The ordered, hashable set of PEFT methods acting on a model.
+
+    ``dropout_impl``: the mask generator methods use for their own dropout (LoRA dropout;
+    ``config.model.dropout_impl``, see ``peft_jax.models.layers.dropout_keep_mask``).
+    """
 
     methods: tuple = ()
+    dropout_impl: str = "hash"
 
     def __bool__(self) -> bool:
         return bool(self.methods)

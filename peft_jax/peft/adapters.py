@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.layers import get_activation
+from peft_jax.peft import tree
+from peft_jax.peft.method import PeftMethod, option, register
 
 Array = Any
 
@@ -33,21 +35,30 @@ def _adapter_init(rng: Array, d: int, r: int, scale: float) -> dict:
             "up_bias": jnp.zeros((d,), jnp.float32)}
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class Adapter:
+class Adapter(PeftMethod):
     """Bottleneck adapter of width ``bottleneck`` after the sublayers of ``placement``."""
 
-    placement: str = "houlsby"
-    bottleneck: int = 64
-    activation: str = "relu"
-    init_scale: float = 1e-3
+    name = "adapter"
+
+    placement: str = option("houlsby", "houlsby (after attention and FFN) | pfeiffer (FFN only)")
+    bottleneck: int = option(64, "bottleneck width")
+    activation: str = option("relu", "activation between down and up projections")
+    init_scale: float = option(1e-3, "std of the normal init of the projections")
 
     def __post_init__(self):
         if self.placement not in KINDS:
-            raise ValueError(f"Adapter.placement={self.placement!r}; supported: {list(KINDS)}")
-        if int(self.bottleneck) < 1:
-            raise ValueError(f"Adapter.bottleneck={self.bottleneck!r} must be >= 1")
-        get_activation(self.activation, "Adapter.activation")
+            self.fail("placement", f"choose one of {list(KINDS)}")
+        if isinstance(self.bottleneck, bool) or int(self.bottleneck) < 1:
+            self.fail("bottleneck", "must be >= 1")
+        try:
+            get_activation(self.activation, "activation")
+        except ValueError as e:
+            self.fail("activation", str(e))
+
+    def owns(self, path: str) -> bool:
+        return any(k.startswith("adapter_") for k in path.split("/"))
 
     def sublayer(self, module, kind: str, h: Array, deterministic: bool = True) -> Array:
         """``[b, l, d]`` -> ``h + up(act(down(h)))`` for the kinds of this placement."""
@@ -63,9 +74,6 @@ class Adapter:
         return h + jnp.dot(z, jnp.asarray(w["up_kernel"], dt)) + jnp.asarray(w["up_bias"], dt)
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:
-        def found(t: Mapping) -> bool:
-            return any(str(k).startswith("adapter_") or (isinstance(v, Mapping) and found(v))
-                       for k, v in t.items())
-        if not found(delta):
-            raise ValueError(f"Adapter(placement={self.placement!r}): the model never called the "
-                             f"sublayer slot with kinds {KINDS[self.placement]}")
+        if not any(self.owns(p) for p in tree.flatten(delta)):
+            self.fail("placement", f"the model never called the sublayer slot with kinds "
+                                   f"{KINDS[self.placement]}")

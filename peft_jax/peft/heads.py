@@ -17,10 +17,14 @@ Kernels are ``[in, out]``, initialized N(0, 0.02) as in Hugging Face; biases are
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+
+from peft_jax.peft.method import BuildContext, PeftMethod, internal, option, register
+from peft_jax.peft.prompt import embedding_table
 
 Array = Any
 KINDS = ("classification", "regression", "projection")
@@ -91,3 +95,47 @@ def apply_head(kind: str, params: dict, pooled: Array, deterministic: bool = Tru
         x = jnp.tanh(_apply_dense(params["dense"], x))
     x = _dropout(x, dropout_rate, deterministic, r2)
     return _apply_dense(params["out_proj"], x)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Head(PeftMethod):
+    """The task head of the classification / regression formats (leaves ``delta["head"]``).
+
+    It trains in the optimizer group ``head`` (``config.optim.head_lr``). The runner adds it whenever the format needs one;
+    ``config.peft.methods=head`` alone trains only the head (a linear probe of the frozen
+    model). ``kind``, ``num_labels`` and ``d_model`` come from the task and the model."""
+
+    name = "head"
+    lr_group = "head"
+
+    dropout: float = option(0.1, "dropout before the output layer (and the hidden layer)")
+    hidden: bool = option(False, "RoBERTa-style dense + tanh layer before the output")
+    kind: str = internal("classification", "classification | regression | projection (SimCSE)")
+    num_labels: int = internal(2)
+    d_model: int = internal(0, "input width (0: the base's embedding width)")
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.dropout) < 1.0:
+            self.fail("dropout", "must be in [0, 1)")
+        if self.kind not in KINDS:
+            self.fail("kind", f"choose one of {list(KINDS)}")
+
+    @classmethod
+    def from_config(cls, section, ctx: BuildContext = BuildContext()) -> "Head":
+        return cls(**cls.kwargs_from_config(section), kind=ctx.head_kind,
+                   num_labels=1 if ctx.head_kind == "regression" else ctx.num_labels,
+                   d_model=ctx.d_model)
+
+    def owns(self, path: str) -> bool:
+        return path.split("/", 1)[0] == "head"
+
+    def finalize_delta(self, delta: dict, base: Mapping, rng: Array) -> dict:
+        d = self.d_model or int(embedding_table(base).shape[1])
+        n = self.num_labels or None if self.kind == "projection" else self.num_labels
+        return {**delta, "head": init_head(self.kind, d, n, rng, hidden=self.hidden)}
+
+    def apply(self, params: dict, pooled: Array, deterministic: bool = True,
+              rng: Optional[Array] = None) -> Array:
+        """``pooled [b, d]`` -> ``[b, num_labels]`` (regression: ``[b, 1]``)."""
+        return apply_head(self.kind, params, pooled, deterministic, rng, self.dropout)

@@ -17,7 +17,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+import jax
 import optax
+
+from peft_jax.peft.method import owner
+from peft_jax.peft.partition import DELTA_KEY, map_with_paths
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "frozen")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -119,8 +123,6 @@ def make_optimizer(groups: Mapping[str, GroupConfig], labels_tree: Any,
     labels (:func:`peft_jax.peft.partition.label_tree`). Every label used must have a
     group; unused groups are an error too (likely a misspelled label).
     """
-    import jax
-
     used = set(jax.tree.leaves(labels_tree))
     missing = sorted(map(str, used - set(groups)))
     if missing:
@@ -142,3 +144,34 @@ def group_learning_rates(groups: Mapping[str, GroupConfig], step: int) -> dict[s
     """Learning rate of every group at ``step`` (for logging)."""
     return {k: float(make_schedule(g, k)(step)) for k, g in groups.items()
             if g.optimizer != "frozen"}
+
+
+def method_labels(trainable: Any, methods: Any) -> Any:
+    """Optimizer-group label of every trainable leaf: the owning method's ``lr_group`` for
+    delta leaves (``"default"`` when no method claims one), ``"default"`` for base leaves."""
+    def label(path: str, _leaf: Any) -> str:
+        top, _, rest = path.partition("/")
+        m = owner(methods, rest) if top == DELTA_KEY else None
+        return m.lr_group if m is not None else "default"
+
+    return map_with_paths(label, trainable)
+
+
+def optimizer_from_config(o: Any, trainable: Any, methods: Any, total_steps: int
+                          ) -> optax.GradientTransformation:
+    """The run's optimizer (``config.optim``): one group per ``lr_group`` of the methods
+    (learning rate ``config.optim.<group>_lr``, 0 or absent = ``config.optim.lr``), with
+    global gradient clipping ``config.optim.clip_norm`` (0 = none)."""
+    labels = method_labels(trainable, methods)
+    used = sorted(set(jax.tree.leaves(labels)))
+
+    def lr_of(group: str) -> float:
+        key = f"{group}_lr"
+        return float(o[key]) if key in o and o[key] else float(o.lr)
+
+    groups = {g: GroupConfig(optimizer=o.optimizer, learning_rate=lr_of(g), schedule=o.schedule,
+                             warmup_steps=o.warmup_steps, total_steps=total_steps,
+                             weight_decay=o.weight_decay,
+                             multiply_by_parameter_scale=o.optimizer != "adafactor")
+              for g in used}
+    return make_optimizer(groups, labels, clip_norm=o.clip_norm or None)

@@ -1,10 +1,11 @@
 """What trains: path rules over pytrees, trainable/frozen splits, optimizer-state bytes.
 
-The one place that decides which leaves are trained. The trainable tree is the delta plus
-any base leaves selected by regex rules (BitFit: ``r".*bias"``; full fine-tuning:
-``r".*"``; LayerNorm only: :func:`layernorm_patterns`)::
+The one place that decides which leaves are trained. The trainable tree is the delta
+(less any method-owned frozen leaves) plus base leaves selected by regex rules (the
+methods' ``base_patterns()``: BitFit ``r".*bias"``, full fine-tuning ``r".*"``; or given
+directly, e.g. LayerNorm only: :func:`layernorm_patterns`)::
 
-    trainable, frozen = split_trainable(base, delta, bitfit_patterns())
+    trainable, frozen = split_trainable(base, delta, methods=methods)
     variables = assemble(frozen, trainable)     # {"params": base, "peft": delta}
 
 Gradients are taken only with respect to ``trainable``, so frozen base leaves get no
@@ -25,6 +26,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+
+from peft_jax.peft import tree
+from peft_jax.peft.method import materialize_all, owner
 
 PyTree = Any
 
@@ -138,68 +142,70 @@ def full_finetuning_patterns() -> tuple[str, ...]:
     return (r".*",)
 
 
-def _insert(tree: dict, path: Sequence[Any], leaf: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = leaf
-
-
 def select_base(base: PyTree, patterns: Sequence[str]) -> tuple[dict, dict]:
     """Split a nested-dict ``base`` into ``(trainable_subset, frozen_rest)``.
 
     Both are nested dicts holding only their leaves (a subtree with no selected leaf is
     absent from the subset). A pattern that selects nothing is a ``ValueError`` (a typo
-    would otherwise silently train nothing). ``combine(frozen_rest, trainable_subset)``
+    would otherwise silently train nothing). ``tree.merge(frozen_rest, trainable_subset)``
     gives ``base`` back.
     """
     compiled = _compile(patterns)
     used = [False] * len(compiled)
-    flat, _ = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_leaf)
     sel: dict = {}
     rest: dict = {}
-    for path, leaf in flat:
-        keys = [_key_str(k) for k in path]
-        p = "/".join(keys)
+    paths = leaf_paths(base)
+    for p, leaf in paths:
         hit = False
         for i, rx in enumerate(compiled):
             if rx.fullmatch(p):
                 used[i] = hit = True
-        _insert(sel if hit else rest, keys, leaf)
+        (sel if hit else rest)[p] = leaf
     for i, ok in enumerate(used):
         if not ok:
-            paths = [ "/".join(_key_str(k) for k in path) for path, _ in flat]
             raise ValueError(f"base selection pattern {patterns[i]!r} matches no base leaf; "
-                             f"base paths look like: {_preview(paths, 8)}")
-    return sel, rest
+                             f"base paths look like: {_preview([p for p, _ in paths], 8)}")
+    return tree.unflatten(sel), tree.unflatten(rest)
 
 
-def combine(frozen_rest: Mapping, trainable_subset: Mapping) -> dict:
-    """Deep-merge two disjoint nested dicts (inverse of :func:`select_base`)."""
-    out = dict(frozen_rest)
-    for k, v in trainable_subset.items():
-        if k in out:
-            if not (isinstance(out[k], Mapping) and isinstance(v, Mapping)):
-                raise ValueError(f"combine: key {k!r} is a leaf in both trees")
-            out[k] = combine(out[k], v)
-        else:
-            out[k] = v
-    return out
+def split_trainable(base: PyTree, delta: PyTree, base_patterns: Sequence[str] = (),
+                    methods: Sequence[Any] = ()) -> tuple[dict, dict]:
+    """``(trainable, frozen)`` of a base and a delta.
 
-
-def split_trainable(base: PyTree, delta: PyTree, base_patterns: Sequence[str] = ()
-                    ) -> tuple[dict, dict]:
-    """``(trainable, frozen)``: ``trainable = {"peft": delta, "params": selected base}``.
-
-    ``frozen`` is the rest of the base. Use :func:`assemble` to rebuild model variables.
+    ``trainable = {"peft": trainable delta, "params": base leaves selected by
+    base_patterns and the methods' base_patterns()}``; ``frozen = {"params": rest of the
+    base, "peft": method-owned frozen delta leaves}`` (``is_frozen``, e.g. VeRA's shared
+    projections). Use :func:`assemble` to rebuild model variables.
     """
-    sel, rest = select_base(base, base_patterns) if base_patterns else ({}, base)
-    return {DELTA_KEY: delta, BASE_KEY: sel}, rest
+    patterns = tuple(base_patterns) + tuple(p for m in methods for p in m.base_patterns())
+    sel, rest = select_base(base, patterns) if patterns else ({}, base)
+    train, frozen = {}, {}
+    for p, leaf in tree.flatten(delta).items():
+        m = owner(methods, p)
+        (frozen if m is not None and m.is_frozen(p) else train)[p] = leaf
+    return ({DELTA_KEY: tree.unflatten(train), BASE_KEY: sel},
+            {BASE_KEY: rest, DELTA_KEY: tree.unflatten(frozen)})
 
 
 def assemble(frozen: PyTree, trainable: Mapping) -> dict:
     """Flax variables ``{"params": base, "peft": delta}`` from :func:`split_trainable` parts."""
-    base = combine(frozen, trainable.get(BASE_KEY, {})) if trainable.get(BASE_KEY) else frozen
-    return {"params": base, "peft": trainable.get(DELTA_KEY, {})}
+    base, delta = frozen.get(BASE_KEY, {}), trainable.get(DELTA_KEY, {})
+    if trainable.get(BASE_KEY):
+        base = tree.merge(base, trainable[BASE_KEY])
+    if frozen.get(DELTA_KEY):
+        delta = tree.merge(delta, frozen[DELTA_KEY])
+    return {"params": base, "peft": delta}
+
+
+def variables_fn(methods: Sequence[Any]):
+    """``(frozen, trainable) -> variables`` for the train/eval steps: :func:`assemble`, then
+    every method's ``materialize`` (prefix MLP, shared projections), inside the step."""
+
+    def fn(frozen: PyTree, trainable: Mapping) -> dict:
+        v = assemble(frozen, trainable)
+        return {"params": v["params"], "peft": materialize_all(methods, v["peft"])}
+
+    return fn
 
 
 # ----------------------------------------------------------------------------- sizes

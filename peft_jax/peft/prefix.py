@@ -26,42 +26,50 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peft_jax.models.slots import module_path
+from peft_jax.peft import hf_peft, tree
+from peft_jax.peft.method import HfNames, PeftMethod, option, register
 
 Array = Any
 
 REPARAM = "prefix_reparam"
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class PrefixTuning:
+class PrefixTuning(PeftMethod):
     """Key/value prefixes of ``length`` at every attention matching ``targets``.
 
     ``init_scale``: std of the normal init of the prefixes / reparam embedding (HF's
-    ``nn.Embedding`` default is 1.0). ``projection_hidden``: width of the reparam MLP (None:
-    no reparameterization).
+    ``nn.Embedding`` default is 1.0). ``projection_hidden``: width of the reparam MLP
+    (0: no reparameterization).
     """
 
-    length: int = 20
-    projection_hidden: Optional[int] = None
-    targets: str = r"(.*/)?attention"
-    init_scale: float = 1.0
+    name = "prefix"
+    peft_type = "PREFIX_TUNING"
+
+    length: int = option(10, "prefix vectors per attention layer")
+    projection_hidden: int = option(0, "MLP reparameterization width (0: none); folded at export")
+    targets: str = option(r"(.*/)?attention", "regex over attention module paths")
+    init_scale: float = option(1.0, "std of the normal init")
 
     def __post_init__(self):
-        if int(self.length) < 1:
-            raise ValueError(f"PrefixTuning.length={self.length!r} must be >= 1")
-        if self.projection_hidden is not None and int(self.projection_hidden) < 1:
-            raise ValueError(f"PrefixTuning.projection_hidden={self.projection_hidden!r} must be "
-                             ">= 1 or None")
+        if isinstance(self.length, bool) or int(self.length) < 1:
+            self.fail("length", "must be >= 1")
+        if self.projection_hidden is None:
+            object.__setattr__(self, "projection_hidden", 0)
+        if int(self.projection_hidden) < 0:
+            self.fail("projection_hidden", "must be >= 0 (0: no reparameterization)")
         try:
             re.compile(self.targets)
         except re.error as e:
-            raise ValueError(f"PrefixTuning.targets: invalid regex {self.targets!r} ({e})") from None
+            self.fail("targets", f"invalid regex ({e})")
 
     @property
     def kv_prefix_length(self) -> int:
@@ -69,6 +77,10 @@ class PrefixTuning:
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.targets, path) is not None
+
+    def owns(self, path: str) -> bool:
+        return (tree.leaf_name(path) in ("prefix_key", "prefix_value")
+                or path.startswith(REPARAM + "/"))
 
     def attention_kv(self, module, k: Array, v: Array, deterministic: bool = True
                      ) -> tuple[Array, Array, int]:
@@ -95,38 +107,102 @@ class PrefixTuning:
     def finalize_delta(self, delta: Mapping, base: Mapping, rng: Array) -> dict:
         """Post-init step of ``init_delta``: with ``projection_hidden``, replace the
         per-layer prefixes by the ``prefix_reparam`` tree (torch-default Linear init)."""
-        delta = _copy(delta)
-        if self.projection_hidden is None:
-            return delta
-        found = _pop_prefixes(delta, ())
-        if not found:
-            return delta
+        if not self.projection_hidden:
+            return tree.copy(delta)
+        flat = tree.flatten(delta)
+        keys = tree.natural_sorted(p for p in flat if tree.leaf_name(p) == "prefix_key")
+        if not keys:
+            return tree.copy(delta)
+        found = [(tree.parent(p), flat[p]) for p in keys]
+        for p in keys:
+            del flat[p], flat[tree.parent(p) + "/prefix_value"]
         h_kv, dh = found[0][1].shape[1:]
         kv, hid = h_kv * dh, int(self.projection_hidden)
-        keys = jax.random.split(rng, 3 + 2 * len(found))
+        rngs = jax.random.split(rng, 3 + 2 * len(found))
         lim1, lim2 = 1.0 / math.sqrt(kv), 1.0 / math.sqrt(hid)
         u = lambda key, shape, lim: jax.random.uniform(key, shape, jnp.float32, -lim, lim)
-        out: dict = {}
         for i, (path, _) in enumerate(found):
-            node = out
-            for part in path:
-                node = node.setdefault(part, {})
-            node["kernel"] = u(keys[3 + 2 * i], (hid, 2, h_kv, dh), lim2)
-            node["bias"] = u(keys[4 + 2 * i], (2, h_kv, dh), lim2)
-        delta[REPARAM] = {
-            "embedding": self.init_scale * jax.random.normal(keys[0], (self.length, kv), jnp.float32),
-            "hidden": {"kernel": u(keys[1], (kv, hid), lim1), "bias": u(keys[2], (hid,), lim1)},
-            "out": out,
-        }
-        return delta
+            flat[f"{REPARAM}/out/{path}/kernel"] = u(rngs[3 + 2 * i], (hid, 2, h_kv, dh), lim2)
+            flat[f"{REPARAM}/out/{path}/bias"] = u(rngs[4 + 2 * i], (2, h_kv, dh), lim2)
+        flat[f"{REPARAM}/embedding"] = self.init_scale * jax.random.normal(
+            rngs[0], (self.length, kv), jnp.float32)
+        flat[f"{REPARAM}/hidden/kernel"] = u(rngs[1], (kv, hid), lim1)
+        flat[f"{REPARAM}/hidden/bias"] = u(rngs[2], (hid,), lim1)
+        return tree.unflatten(flat)
 
     def materialize(self, delta: Mapping) -> dict:
         return materialize(delta)
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:
-        if not (_has(delta, "prefix_key") or REPARAM in delta):
-            raise ValueError(f"PrefixTuning.targets={self.targets!r} matched no attention module; "
-                             f"available module paths include: {list(dense_paths)[:12]}")
+        if not (tree.leaves_named(delta, "prefix_key") or REPARAM in delta):
+            self.fail("targets", f"matched no attention module; available module paths "
+                                 f"include: {list(dense_paths)[:12]}")
+
+    # -- HF PEFT
+
+    def to_hf_peft(self, delta: Mapping, names: HfNames) -> tuple[dict, dict]:
+        if names.task_type == "SEQ_2_SEQ_LM":
+            raise NotImplementedError(SEQ2SEQ_PREFIX)
+        delta = materialize(delta)
+        keys = tree.leaves_named(delta, "prefix_key")
+        if not keys:
+            raise ValueError("export prefix: the delta has no per-layer 'prefix_key' leaves")
+        vals = tree.leaves_named(delta, "prefix_value")
+        blocks, shape = [], None
+        for pk in tree.natural_sorted(keys):
+            pv = tree.parent(pk) + "/prefix_value" if "/" in pk else "prefix_value"
+            if pv not in vals:
+                raise ValueError(f"export prefix: {pk!r} has no matching {pv!r}")
+            k, v = np.asarray(keys[pk]), np.asarray(vals[pv])
+            if k.ndim != 3 or k.shape != v.shape or (shape is not None and k.shape != shape):
+                raise ValueError(f"export prefix: {pk!r} has shape {k.shape} (value {v.shape}); "
+                                 f"expected [P, h_kv, head_dim] alike in every layer ({shape})")
+            shape = k.shape
+            blocks += [k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)]
+        n_tok, h_kv, dh = shape
+        if names.num_layers is not None and names.num_layers != len(keys):
+            raise ValueError(f"export prefix: num_layers={names.num_layers} but the delta has "
+                             f"prefixes in {len(keys)} attention modules")
+        fields = dict(num_virtual_tokens=int(n_tok), token_dim=int(h_kv * dh),
+                      num_layers=len(keys), num_attention_heads=int(h_kv),
+                      encoder_hidden_size=int(h_kv * dh), prefix_projection=False,
+                      num_transformer_submodules=1)
+        return fields, {"prompt_embeddings": np.concatenate(blocks, axis=1)}
+
+    @classmethod
+    def from_hf_peft(cls, config, tensors, names, where=""):
+        if config.get("task_type") == "SEQ_2_SEQ_LM" or config.get("num_transformer_submodules") == 2:
+            raise NotImplementedError(f"{hf_peft.config_path(where)}: " + SEQ2SEQ_PREFIX)
+        where = hf_peft.weights_path(where)
+        if "prompt_embeddings" not in tensors:
+            raise hf_peft.CheckpointError(f"{where}: missing tensor 'prompt_embeddings'")
+        # prefix_projection=True adapters are saved materialized too (HF runs the MLP at save
+        # time), so both read the same way.
+        emb, n_tok = tensors["prompt_embeddings"], int(config["num_virtual_tokens"])
+        n_layers, h = int(config["num_layers"]), int(config["num_attention_heads"])
+        dh = int(config["token_dim"]) // h
+        attn = list(names.attention_paths)
+        if len(attn) != n_layers:
+            raise ValueError(f"import prefix: the adapter has {n_layers} layers; pass the "
+                             f"attention module paths of the model in layer order (got {len(attn)})")
+        if emb.shape != (n_tok, 2 * n_layers * h * dh):
+            raise hf_peft.CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, "
+                                          f"config implies {(n_tok, 2 * n_layers * h * dh)}")
+        blocks = emb.reshape(n_tok, 2 * n_layers, h, dh)
+        flat = {}
+        for i, path in enumerate(attn):
+            flat[f"{path}/prefix_key"] = np.ascontiguousarray(blocks[:, 2 * i])
+            flat[f"{path}/prefix_value"] = np.ascontiguousarray(blocks[:, 2 * i + 1])
+        method = cls(length=n_tok, targets="(" + "|".join(re.escape(p) for p in attn) + ")")
+        return method, tree.unflatten(flat)
+
+
+SEQ2SEQ_PREFIX = (
+    "prefix tuning for encoder-decoder (T5, task_type='SEQ_2_SEQ_LM') adapters is not "
+    "supported by HF PEFT export/import: HF duplicates the flat prefix for two transformer "
+    "submodules and gives decoder self-attention layer i the blocks 4i, 4i+1 of that doubled "
+    "list (so layers i and i + num_layers/2 share one prefix); an independent per-layer delta "
+    "cannot be written in that layout. Keep the delta in peft_jax's own format.")
 
 
 def materialize(delta: Mapping) -> dict:
@@ -137,62 +213,15 @@ def materialize(delta: Mapping) -> dict:
     """
     if REPARAM not in delta:
         return dict(delta)
-    out = _copy({k: v for k, v in delta.items() if k != REPARAM})
+    flat = {k: v for k, v in tree.flatten(delta).items() if not k.startswith(REPARAM + "/")}
     r = delta[REPARAM]
     hidden = jnp.tanh(jnp.dot(r["embedding"], r["hidden"]["kernel"]) + r["hidden"]["bias"])
-
-    def walk(node: Mapping, path: tuple):
-        if "kernel" in node and not isinstance(node["kernel"], Mapping):
-            kv = jnp.einsum("ph,hsnd->psnd", hidden, node["kernel"]) + node["bias"]
-            dst = out
-            for part in path:
-                dst = dst.setdefault(part, {})
-            dst["prefix_key"], dst["prefix_value"] = kv[:, 0], kv[:, 1]
-            return
-        for k, v in node.items():
-            walk(v, path + (k,))
-
-    walk(r["out"], ())
-    return out
+    for path, mod in tree.modules_with(r["out"], "kernel"):
+        kv = jnp.einsum("ph,hsnd->psnd", hidden, mod["kernel"]) + mod["bias"]
+        flat[f"{path}/prefix_key"], flat[f"{path}/prefix_value"] = kv[:, 0], kv[:, 1]
+    return tree.unflatten(flat)
 
 
 def reparam_paths(delta: Mapping) -> list[str]:
     """Attention module paths of a reparameterized delta, in module (layer) order."""
-    paths: list[str] = []
-
-    def walk(node: Mapping, path: tuple):
-        if "kernel" in node and not isinstance(node["kernel"], Mapping):
-            paths.append("/".join(path))
-            return
-        for k, v in node.items():
-            walk(v, path + (k,))
-
-    walk(delta[REPARAM]["out"], ())
-    return sorted(paths, key=natural_key)
-
-
-def natural_key(path: str) -> list:
-    """Sort key that orders 'layer_2' before 'layer_10'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
-def _pop_prefixes(tree: dict, path: tuple) -> list:
-    found = []
-    if "prefix_key" in tree and not isinstance(tree["prefix_key"], Mapping):
-        found.append((path, tree.pop("prefix_key")))
-        tree.pop("prefix_value", None)
-    for k in list(tree):
-        v = tree[k]
-        if isinstance(v, dict):
-            found += _pop_prefixes(v, path + (k,))
-            if not v:
-                del tree[k]
-    return found
-
-
-def _has(tree: Mapping, name: str) -> bool:
-    return any(k == name or (isinstance(v, Mapping) and _has(v, name)) for k, v in tree.items())
-
-
-def _copy(tree: Mapping) -> dict:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    return [p for p, _ in tree.modules_with(delta[REPARAM]["out"], "kernel")]

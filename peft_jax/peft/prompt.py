@@ -25,11 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.slots import Insert
+from peft_jax.peft import hf_peft, tree
+from peft_jax.peft.method import BuildContext, HfNames, PeftMethod, internal, option, register
 
 Array = Any
 
 PLACEMENTS = ("prefix", "after_bos", "suffix")
 INITS = ("uniform", "sampled_vocab", "class_labels", "text", "file")
+RANKINGS = ("auto", "ids", "corpus")
+RESIZES = ("", "truncate", "tile")
+RESIZE_MODES = ("exact", "truncate", "tile")
 # Tokenizer families whose ids are NOT ordered by frequency (so top-k ids are not the most
 # frequent tokens without an explicit ranking).
 UNORDERED_TOKENIZERS = ("bpe", "wordpiece")
@@ -104,40 +109,89 @@ def text(table: Array, token_ids: Sequence[int], length: int) -> Array:
     return jnp.take(jnp.asarray(table, jnp.float32), jnp.asarray(ids), axis=0)
 
 
-def from_file(path: str, length: int, allow_resize: Optional[str] = None,
+def fit_length(source: np.ndarray, length: int, mode: str = "exact") -> np.ndarray:
+    """``[Ps, d]`` -> ``[length, d]``: ``exact`` needs ``Ps == length``; ``truncate`` keeps
+    the first rows (needs ``Ps >= length``); ``tile`` repeats rows cyclically, then cuts."""
+    mode = mode or "exact"
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown length mode {mode!r}; choose one of {RESIZE_MODES}")
+    ps = source.shape[0]
+    if ps == length:
+        return source
+    if mode == "exact":
+        raise ValueError(f"source prompt has length {ps} but the target prompt has length "
+                         f"{length}; resize it: truncate (keep the first tokens) or tile (repeat "
+                         "tokens) - config.peft.prompt.resize")
+    if mode == "truncate":
+        if ps < length:
+            raise ValueError(f"cannot truncate a length-{ps} source prompt to the longer target "
+                             f"length {length} (too few rows); use tile")
+        return source[:length]
+    return np.concatenate([source] * (-(-length // ps)), axis=0)[:length]
+
+
+def from_file(path: str, length: int, resize: Optional[str] = None,
               d: Optional[int] = None) -> Array:
-    """A ``[length, d]`` prompt from a ``.npy`` file (no pickle).
+    """A ``[length, d]`` prompt from a ``.npy`` file (no pickle; SPoT transfer).
 
     A different number of rows is an error naming the file and both shapes, unless
-    ``allow_resize='truncate'`` (keep the first rows; needs at least ``length``) or
-    ``'tile'`` (repeat rows cyclically, then truncate). ``d``: the expected width (the
-    model's ``d_model``); a different width is always an error.
+    ``resize`` is ``'truncate'`` or ``'tile'`` (:func:`fit_length`;
+    ``config.peft.prompt.resize``). ``d``: the expected width (the model's ``d_model``); a
+    different width is always an error. A prompt holding NaN or Inf is refused.
     """
-    if allow_resize not in (None, "truncate", "tile"):
-        raise ValueError(f"from_file: allow_resize={allow_resize!r}; expected None, 'truncate' "
-                         "or 'tile'")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"from_file: prompt file {path!r} does not exist")
+        raise FileNotFoundError(f"prompt file {path!r} (config.peft.prompt.file) does not exist")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # bad header, object arrays, ...
-        raise ValueError(f"from_file: cannot read {path!r} as a .npy array ({e})") from None
+        raise ValueError(f"prompt file {path!r}: cannot read it as a .npy array ({e})") from None
     want = (length, d if d is not None else (arr.shape[-1] if arr.ndim else -1))
     if arr.ndim != 2 or (d is not None and arr.shape[1] != d):
-        raise ValueError(f"from_file: {path!r} holds a prompt of shape {arr.shape}, expected "
+        raise ValueError(f"prompt file {path!r} holds a prompt of shape {arr.shape}, expected "
                          f"{want}")
-    if arr.shape[0] != length:
-        if allow_resize is None:
-            raise ValueError(f"from_file: {path!r} holds a prompt of shape {arr.shape}, expected "
-                             f"{want}; pass allow_resize='truncate' or 'tile' to resize")
-        if allow_resize == "truncate":
-            if arr.shape[0] < length:
-                raise ValueError(f"from_file: cannot truncate {path!r} of shape {arr.shape} to "
-                                 f"{want} (too few rows; use allow_resize='tile')")
-            arr = arr[:length]
-        else:
-            arr = np.concatenate([arr] * (-(-length // arr.shape[0])), axis=0)[:length]
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"prompt file {path!r} has dtype {arr.dtype}, expected floats")
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(f"prompt file {path!r} holds {bad} non-finite value(s) (NaN/Inf)")
+    try:
+        arr = fit_length(arr, length, resize or "exact")
+    except ValueError as e:
+        raise ValueError(f"prompt file {path!r} of shape {arr.shape} (expected {want}): "
+                         f"{e}") from None
     return jnp.asarray(arr, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """'sentencepiece' (ids roughly frequency-ordered), 'wordpiece' or 'bpe'."""
+    name = type(tokenizer).__name__.lower()
+    model = ""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        model = type(backend.model).__name__.lower()
+    if "unigram" in model or "t5" in name or "sentencepiece" in name:
+        return "sentencepiece"
+    if "wordpiece" in model or "bert" in name:
+        return "wordpiece"
+    return "bpe"
+
+
+def corpus_ranking(tokenizer, texts: Sequence[str]) -> tuple[int, ...]:
+    """Token ids sorted by decreasing count over ``texts`` (ties: smaller id first)."""
+    counts: dict[int, int] = {}
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+    return tuple(sorted(counts, key=lambda i: (-counts[i], i)))
+
+
+def word_ids(tokenizer, word: str, kind: str) -> tuple[int, ...]:
+    """Sub-token ids of ``word`` as it appears after a space (BPE) or alone."""
+    text = " " + word if kind == "bpe" else word
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------- delta helpers
@@ -146,105 +200,168 @@ def from_file(path: str, length: int, allow_resize: Optional[str] = None,
 def embedding_table(base: Mapping) -> Array:
     """The word embedding table ``[vocab, d]`` of any family's base pytree
     (``embeddings/word_embeddings``, ``embed_tokens`` or ``shared``)."""
-    for path in (("embeddings", "word_embeddings", "embedding"), ("embed_tokens", "embedding"),
-                 ("shared", "embedding")):
-        node: Any = base
-        for k in path:
-            node = node.get(k) if isinstance(node, Mapping) else None
-            if node is None:
-                break
-        if node is not None:
-            return getattr(node, "value", node)
+    for path in ("embeddings/word_embeddings/embedding", "embed_tokens/embedding",
+                 "shared/embedding"):
+        try:
+            node = tree.get(base, path)
+        except KeyError:
+            continue
+        return getattr(node, "value", node)
     raise KeyError("no word embedding table found in the base params (looked for "
                    "embeddings/word_embeddings, embed_tokens, shared)")
 
 
-def _prompt_paths(delta: Mapping, prefix: tuple = ()) -> list[tuple]:
-    out = []
-    for k, v in delta.items():
-        if isinstance(v, Mapping):
-            out += _prompt_paths(v, prefix + (k,))
-        elif k == "prompt":
-            out.append(prefix + (k,))
-    return out
+def place_prompt(delta: Mapping, source: Any, *, path: Optional[str] = None,
+                 mode: str = "exact", cast: bool = False) -> dict:
+    """A copy of ``delta`` whose ``prompt`` leaf ``[P, d]`` is ``source`` ``[Ps, d]``, fitted
+    to ``P`` by ``mode`` (:func:`fit_length`); the one way a prompt enters a delta (config
+    inits, ``init=file``, SPoT transfer).
 
-
-def set_prompt(delta: Mapping, array: Array, path: Optional[Sequence[str]] = None) -> dict:
-    """A copy of ``delta`` whose ``prompt`` leaf is ``array`` ``[P, d]`` (shape must match).
-
-    ``path``: the leaf's path when the delta has several prompts (default: the only one).
+    ``path``: the leaf's '/'-joined path when the delta holds several prompts. Bit-exact:
+    another dtype is an error unless ``cast``. The new leaf keeps the old one's kind: a
+    ``jax.Array`` keeps its sharding, numpy stays numpy, a boxed leaf keeps its axis names.
+    The input delta is not modified.
     """
-    paths = [tuple(path)] if path is not None else _prompt_paths(delta)
-    if len(paths) != 1:
-        raise ValueError(f"set_prompt: expected exactly one 'prompt' leaf, found {paths}; pass path=")
-    p = paths[0]
-    out = _copy(delta)
-    node = out
-    for k in p[:-1]:
-        node = node[k]
-    old = node.get(p[-1])
-    if old is None:
-        raise KeyError(f"set_prompt: no leaf {'/'.join(p)!r} in the delta")
-    array = jnp.asarray(array)
-    if tuple(array.shape) != tuple(old.shape):
-        raise ValueError(f"set_prompt: prompt {'/'.join(p)!r} has shape {tuple(old.shape)}, got "
-                         f"an array of shape {tuple(array.shape)}")
-    node[p[-1]] = array.astype(old.dtype)
-    return out
+    flat = tree.flatten(delta)
+    if path is None:
+        found = [p for p in flat if tree.leaf_name(p) == "prompt"]
+        if not found:
+            raise ValueError(f"delta has no 'prompt' leaf (is a soft-prompt method active?); "
+                             f"leaves: {list(flat)[:10]}")
+        if len(found) > 1:
+            raise ValueError(f"delta has several prompt leaves {found}; pass path=")
+        path = found[0]
+    if path not in flat:
+        raise ValueError(f"delta has no leaf {path!r}; prompt leaves: "
+                         f"{[p for p in flat if tree.leaf_name(p) == 'prompt']}")
+    box = flat[path]
+    boxed = hasattr(box, "unbox") and hasattr(box, "replace_boxed")  # flax nn.Partitioned etc.
+    leaf = box.unbox() if boxed else box
+    src = np.asarray(source)
+    if src.ndim != 2 or len(leaf.shape) != 2:
+        raise ValueError(f"{path}: expected [length, d_model] prompts, source {src.shape} vs "
+                         f"target {tuple(leaf.shape)}")
+    if src.shape[1] != leaf.shape[1]:
+        raise ValueError(f"{path}: source prompt width d_model={src.shape[1]} differs from the "
+                         f"target's {leaf.shape[1]} (a prompt from another base model)")
+    src = fit_length(src, int(leaf.shape[0]), mode)
+    if src.dtype != np.dtype(leaf.dtype):
+        if not cast:
+            raise ValueError(f"{path}: source prompt dtype {src.dtype} differs from the target's "
+                             f"{np.dtype(leaf.dtype)}; pass cast=True to convert (not bit-exact)")
+        src = src.astype(leaf.dtype)
+    src = np.array(src, copy=True)
+    if not isinstance(leaf, np.ndarray):
+        sharding = getattr(leaf, "sharding", None)
+        src = jax.device_put(src, sharding) if sharding is not None else jnp.asarray(src)
+    flat[path] = box.replace_boxed(src) if boxed else src
+    return tree.unflatten(flat)
 
 
-def _copy(tree: Mapping) -> dict:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+def set_prompt(delta: Mapping, array: Array, path: Optional[str] = None) -> dict:
+    """``delta`` with its ``prompt`` leaf set to ``array`` of the same shape (cast to the
+    leaf's dtype): :func:`place_prompt` without resizing."""
+    prompts = {p: v for p, v in tree.flatten(delta).items() if tree.leaf_name(p) == "prompt"}
+    key = path or (next(iter(prompts)) if len(prompts) == 1 else None)
+    if key in prompts and tuple(np.shape(array)) != tuple(prompts[key].shape):
+        raise ValueError(f"set_prompt: prompt {key!r} has shape {tuple(prompts[key].shape)}, "
+                         f"got an array of shape {tuple(np.shape(array))}")
+    return place_prompt(delta, np.asarray(array), path=path, cast=True)
 
 
 # ----------------------------------------------------------------------------- the method
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class PromptTuning:
+class PromptTuning(PeftMethod):
     """Soft prompt of ``length`` vectors (leaf ``prompt [length, d]``).
 
     ``init``: ``'uniform'`` (``U(-init_scale, init_scale)``), ``'sampled_vocab'`` (rows of
-    the ``top_k`` most frequent ids; ``ranking`` / ``tokenizer_kind`` as in
-    :func:`sampled_vocab`), ``'class_labels'`` (``label_token_ids``), ``'text'``
-    (``text_token_ids``) or ``'file'`` (``init_file``, ``allow_resize``).
+    the ``top_k`` most frequent ids; ``ranking`` as in :func:`sampled_vocab`),
+    ``'class_labels'`` (the task's label words), ``'text'`` (``text``) or ``'file'``
+    (``file``, ``resize``). ``from_config`` resolves the token ids these need
+    (``ranking_ids``, ``label_token_ids``, ``text_token_ids``) with the tokenizer.
     """
 
-    length: int = 20
-    placement: str = "prefix"
-    init: str = "uniform"
-    init_scale: float = 0.5
-    top_k: int = 5000
-    ranking: Optional[tuple] = None
-    tokenizer_kind: Optional[str] = None
-    label_token_ids: tuple = ()
-    text_token_ids: tuple = ()
-    init_file: Optional[str] = None
-    allow_resize: Optional[str] = None
+    name = "prompt"
+    peft_type = "PROMPT_TUNING"
+    lr_group = "prompt"
+
+    length: int = option(20, "number of soft-prompt vectors")
+    placement: str = option("prefix", "prefix | after_bos | suffix")
+    init: str = option("uniform", "uniform | sampled_vocab | class_labels | text | file")
+    init_scale: float = option(0.5, "uniform init range [-init_scale, init_scale]")
+    top_k: int = option(5000, "sampled_vocab: sample from the top_k most frequent ids")
+    ranking: str = option("auto", "sampled_vocab: ids (ids are frequency-ordered), corpus "
+                                  "(rank ids by counts over the training texts), auto")
+    text: str = option("", "init=text: the text whose token embeddings start the prompt")
+    file: str = option("", "init=file: an .npy [length, d] (SPoT transfer)")
+    resize: str = option("", "init=file with another length: '' (error) | truncate | tile")
+    ranking_ids: Optional[tuple] = internal(None, "resolved frequency ranking of token ids")
+    tokenizer_kind: Optional[str] = internal(None, "sentencepiece | wordpiece | bpe")
+    label_token_ids: tuple = internal((), "class_labels: sub-token ids per class")
+    text_token_ids: tuple = internal((), "text: token ids")
 
     def __post_init__(self):
-        if int(self.length) < 1:
-            raise ValueError(f"PromptTuning.length={self.length!r} must be >= 1")
+        if isinstance(self.length, bool) or int(self.length) < 1:
+            self.fail("length", "must be >= 1")
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"PromptTuning.placement={self.placement!r}; supported: {list(PLACEMENTS)}")
+            self.fail("placement", f"choose one of {list(PLACEMENTS)}")
         if self.init not in INITS:
-            raise ValueError(f"PromptTuning.init={self.init!r}; supported: {list(INITS)}")
+            self.fail("init", f"choose one of {list(INITS)}")
+        if self.ranking not in RANKINGS:
+            self.fail("ranking", f"choose one of {list(RANKINGS)}")
+        if self.resize not in RESIZES:
+            self.fail("resize", f"choose one of {list(RESIZES)}")
         # Hashable (Flax module fields): lists -> tuples.
         object.__setattr__(self, "label_token_ids",
                            tuple(tuple(int(i) for i in ids) for ids in self.label_token_ids))
         object.__setattr__(self, "text_token_ids", tuple(int(i) for i in self.text_token_ids))
-        if self.ranking is not None:
-            object.__setattr__(self, "ranking", tuple(int(i) for i in self.ranking))
-        if self.init == "class_labels" and not self.label_token_ids:
-            raise ValueError("PromptTuning.init='class_labels' needs label_token_ids")
-        if self.init == "text" and not self.text_token_ids:
-            raise ValueError("PromptTuning.init='text' needs text_token_ids")
-        if self.init == "file" and not self.init_file:
-            raise ValueError("PromptTuning.init='file' needs init_file")
+        if self.ranking_ids is not None:
+            object.__setattr__(self, "ranking_ids", tuple(int(i) for i in self.ranking_ids))
+        if self.init == "class_labels":
+            if not self.label_token_ids:
+                self.fail("init", "class_labels needs label words (config.task.label_words or "
+                                  "a task with a default verbalizer)")
+            if len(self.label_token_ids) > self.length:
+                self.fail("length", f"init='class_labels' puts one vector per class: "
+                                    f"{len(self.label_token_ids)} classes do not fit in "
+                                    f"{self.length} prompt vectors")
+        if self.init == "text" and not (self.text_token_ids or self.text):
+            self.fail("text", "init='text' needs config.peft.prompt.text")
+        if self.init == "file" and not self.file:
+            self.fail("file", "init='file' needs config.peft.prompt.file (an .npy)")
+
+    @classmethod
+    def from_config(cls, section, ctx: BuildContext = BuildContext()) -> "PromptTuning":
+        """Resolve the token ids the configured initializer needs (with ``ctx.tokenizer``)."""
+        kw = cls.kwargs_from_config(section)
+        tok, init = ctx.tokenizer, kw.get("init", "uniform")
+        if tok is not None and init in ("sampled_vocab", "class_labels"):
+            kind = tokenizer_kind(tok)
+            kw["tokenizer_kind"] = kind
+            ranking = kw.get("ranking", "auto")
+            if (ranking == "corpus" or (ranking == "auto" and kind != "sentencepiece")) \
+                    and ctx.train_texts is not None:
+                kw["ranking_ids"] = corpus_ranking(tok, ctx.train_texts())
+        if init == "class_labels" and tok is not None and ctx.label_words:
+            kind = kw.get("tokenizer_kind") or tokenizer_kind(tok)
+            kw["label_token_ids"] = tuple(word_ids(tok, ws[0], kind) for ws in ctx.label_words)
+        if init == "text" and tok is not None:
+            kw["text_token_ids"] = tuple(tok(kw.get("text", ""), add_special_tokens=False)["input_ids"])
+        return cls(**kw)
 
     @property
     def insert_at(self) -> int:
         return {"prefix": 0, "after_bos": 1, "suffix": -1}[self.placement]
+
+    def owns(self, path: str) -> bool:
+        return tree.leaf_name(path) == "prompt"
+
+    def inserted_before(self, position: int) -> int:
+        at = self.insert_at
+        return int(self.length) if at != -1 and at <= position else 0
 
     def input_embeddings(self, module, embeds: Array, mask: Array, deterministic: bool = True
                          ) -> tuple[Array, Array, Insert]:
@@ -267,13 +384,16 @@ class PromptTuning:
             return None
         table = embedding_table(base)
         if self.init == "file":
-            return from_file(self.init_file, self.length, self.allow_resize, d=table.shape[1])
+            return from_file(self.file, self.length, self.resize or None, d=table.shape[1])
         if self.init == "sampled_vocab":
-            return sampled_vocab(table, self.length, rng, self.top_k, self.ranking,
+            return sampled_vocab(table, self.length, rng, self.top_k, self.ranking_ids,
                                  self.tokenizer_kind)
         if self.init == "class_labels":
             return class_labels(table, self.label_token_ids, self.length, rng, self.top_k,
-                                self.ranking)
+                                self.ranking_ids)
+        if not self.text_token_ids:
+            self.fail("text", "init='text' needs the text's token ids (built by from_config "
+                              "with the tokenizer, or pass text_token_ids=)")
         return text(table, self.text_token_ids, self.length)
 
     def finalize_delta(self, delta: Mapping, base: Mapping, rng: Array) -> dict:
@@ -284,6 +404,38 @@ class PromptTuning:
         return set_prompt(delta, init)
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:
-        if not _prompt_paths(delta):
+        if not tree.leaves_named(delta, "prompt"):
             raise ValueError("PromptTuning: the model never called the input_embeddings slot "
                              "(no 'prompt' leaf was created)")
+
+    # -- HF PEFT
+
+    def to_hf_peft(self, delta: Mapping, names: HfNames) -> tuple[dict, dict]:
+        if self.placement != "prefix":
+            self.fail("placement", "HF PEFT prompts are always a prefix (placement='prefix')")
+        prompts = tree.leaves_named(delta, "prompt")
+        if len(prompts) != 1:
+            raise ValueError(f"export prompt: expected exactly one 'prompt' leaf, found "
+                             f"{sorted(prompts)}")
+        (path, p), = prompts.items()
+        p = np.asarray(p)
+        if p.ndim != 2:
+            raise ValueError(f"export prompt: {path!r} has shape {p.shape}, expected [P, d]")
+        fields = dict(num_virtual_tokens=int(p.shape[0]), token_dim=int(p.shape[1]),
+                      num_transformer_submodules=1, num_layers=names.num_layers,
+                      num_attention_heads=names.num_attention_heads,
+                      prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                      tokenizer_name_or_path=None, tokenizer_kwargs=None)
+        return fields, {"prompt_embeddings": p}
+
+    @classmethod
+    def from_hf_peft(cls, config, tensors, names, where=""):
+        where = hf_peft.weights_path(where)
+        if "prompt_embeddings" not in tensors:
+            raise hf_peft.CheckpointError(f"{where}: missing tensor 'prompt_embeddings'")
+        emb, n_tok = tensors["prompt_embeddings"], int(config["num_virtual_tokens"])
+        if emb.ndim != 2 or emb.shape[0] < n_tok:
+            raise hf_peft.CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, "
+                                          f"config num_virtual_tokens={n_tok}")
+        # seq2seq adapters store one prompt per transformer submodule; the encoder's first
+        return cls(length=n_tok, placement="prefix"), {"prompt": np.ascontiguousarray(emb[:n_tok])}

@@ -8,10 +8,10 @@
 Counts work on arrays or ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape`` of a model
 init), so a report for a large model needs no weights in memory.
 
-Methods are recognized by the contract's leaf names: ``lora_*`` -> lora, ``prompt`` ->
-prompt, ``prefix_*`` / ``prefix_reparam/...`` -> prefix, ``ia3_scale`` -> ia3,
-``adapter_*/...`` -> adapter, top-level ``head/...`` -> head; base leaves selected by
-rules -> ``base (selected)``; other delta leaves -> ``other``.
+A delta leaf's line is the name of the method that owns it (``PeftMethod.owns``; the
+methods of the run, or every registered method by default); a method's frozen leaves
+(``is_frozen``) count as frozen; base leaves selected by rules -> ``base (selected)``;
+delta leaves no method owns -> ``other``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
+from peft_jax.peft.method import REGISTRY, owner
 from peft_jax.peft.partition import (leaf_bytes, leaf_size, leaf_paths, optimizer_state_bytes,
                                      select_base, split_trainable)
 
@@ -41,23 +42,15 @@ class Row:
         return 100.0 * self.trainable / self.of if self.of else 0.0
 
 
-def method_of(path: str) -> str:
-    """Method family of a delta leaf path (see module docstring)."""
-    keys = path.split("/")
-    leaf = keys[-1]
-    if keys[0] == "head":
-        return "head"
-    if leaf.startswith("lora_"):
-        return "lora"
-    if leaf == "prompt":
-        return "prompt"
-    if leaf.startswith("prefix_") or "prefix_reparam" in keys:
-        return "prefix"
-    if leaf == "ia3_scale":
-        return "ia3"
-    if any(k.startswith("adapter_") for k in keys):
-        return "adapter"
-    return "other"
+def default_methods() -> list:
+    """One default instance of every registered method (to name leaves of any delta)."""
+    return [cls() for cls in REGISTRY.values()]
+
+
+def method_of(path: str, methods: Optional[Sequence[Any]] = None) -> str:
+    """Name of the method that owns delta leaf ``path`` (``"other"`` if none does)."""
+    m = owner(default_methods() if methods is None else methods, path)
+    return m.name if m is not None else "other"
 
 
 def _human(n: int) -> str:
@@ -111,22 +104,29 @@ class ParamReport:
 
 
 def param_report(base: Any, delta: Any, base_patterns: Sequence[str] = (), tx: Any = None,
-                 module_depth: int = 1) -> ParamReport:
-    """Counts of ``base`` (frozen unless selected by ``base_patterns``) plus ``delta``.
+                 module_depth: int = 1, methods: Optional[Sequence[Any]] = None) -> ParamReport:
+    """Counts of ``base`` (frozen unless selected by ``base_patterns`` or the methods'
+    ``base_patterns()``) plus ``delta``.
 
     ``tx``: an optax transformation over the trainable tree of
     :func:`~peft_jax.peft.partition.split_trainable`; its state bytes are reported.
-    ``module_depth``: how many leading path keys name a module row.
+    ``module_depth``: how many leading path keys name a module row. ``methods``: the run's
+    methods (default: every registered method, to name the leaves).
     """
+    run_methods = tuple(methods or ())
+    named = default_methods() if methods is None else list(methods)
+    patterns = tuple(base_patterns) + tuple(p for m in run_methods for p in m.base_patterns())
     sel_paths = set()
-    if base_patterns:
-        sel, _ = select_base(base, base_patterns)
+    if patterns:
+        sel, _ = select_base(base, patterns)
         sel_paths = {p for p, _ in leaf_paths(sel)}
     items = []  # (path, method or None if frozen, size, bytes)
     for p, x in leaf_paths(base):
         items.append((p, BASE_SELECTED if p in sel_paths else None, leaf_size(x), leaf_bytes(x)))
     for p, x in leaf_paths(delta):
-        items.append((p, method_of(p), leaf_size(x), leaf_bytes(x)))
+        m = owner(named, p)
+        label = None if m is not None and m.is_frozen(p) else (m.name if m else "other")
+        items.append((p, label, leaf_size(x), leaf_bytes(x)))
     total = sum(i[2] for i in items)
     total_b = sum(i[3] for i in items)
     trainable = sum(i[2] for i in items if i[1])
@@ -153,7 +153,7 @@ def param_report(base: Any, delta: Any, base_patterns: Sequence[str] = (), tx: A
 
     opt = None
     if tx is not None:
-        tr, _ = split_trainable(base, delta, base_patterns)
+        tr, _ = split_trainable(base, delta, base_patterns, run_methods)
         opt = optimizer_state_bytes(tx, tr)
     return ParamReport(trainable, total, trainable_b, total_b, by_method, by_module, opt)
 
@@ -184,7 +184,7 @@ def memory_comparison(base: Any, setups: Mapping[str, tuple[Any, Sequence[str]]]
     rows = []
     for name, (delta, patterns) in setups.items():
         rep = param_report(base, delta, patterns)
-        tr, _ = split_trainable(base, delta, patterns)
+        tr, _ = split_trainable(base, delta, base_patterns, run_methods)
         rows.append(MemoryRow(name, rep.trainable, rep.trainable_bytes,
                               optimizer_state_bytes(make_tx(tr), tr),
                               rep.total_bytes - rep.trainable_bytes))

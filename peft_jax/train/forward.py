@@ -18,7 +18,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from peft_jax.fewshot.scoring import multi_token_scores
 from peft_jax.models import pooling
+from peft_jax.peft.method import inserted_before
 from peft_jax.train import losses
 
 Array = Any
@@ -32,23 +34,6 @@ def model_variables(variables: dict) -> tuple[dict, Optional[dict]]:
     if delta:
         out["peft"] = delta
     return out, head
-
-
-def inserted_before(methods: tuple, position: int = 1) -> int:
-    """Number of soft-prompt tokens inserted before token ``position`` (static).
-
-    Prompts placed as a prefix (``at=0``) or after BOS (``at=1``) shift every later
-    position; suffix prompts shift none.
-    """
-    n = 0
-    for m in methods:
-        placement = getattr(m, "placement", None)
-        length = getattr(m, "length", 0)
-        if hasattr(m, "input_embeddings") and placement in ("prefix", "after_bos"):
-            at = 0 if placement == "prefix" else 1
-            if at <= position:
-                n += int(length)
-    return n
 
 
 def last_real_index(mask: Array) -> Array:
@@ -65,8 +50,7 @@ class FormatSpec:
     kind: str                    # 'encoder' | 'decoder' | 'encoder_decoder'
     format: str                  # 'classification' | 'regression' | 'verbalizer'
     pooling: str = "mean"
-    head_kind: str = "classification"
-    head_dropout: float = 0.1
+    head: Any = None             # the Head method (classification / regression formats)
     label_word_ids: Optional[tuple] = None    # [C][W][T] token ids, -1 = padding
     methods: tuple = ()
     decoder_start_token_id: int = 0
@@ -99,7 +83,7 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
         return _causal_multi_token(model, spec, mvars, batch, deterministic, rng)
     if spec.format == "verbalizer" and spec.kind == "decoder":
         # the LM head at the answer position only: [b, 1, V] logits, not [b, l, V]
-        pos = batch["mask_pos"][:, :1] + inserted_before(spec.methods)
+        pos = batch["mask_pos"][:, :1] + inserted_before(spec.methods, 1)
         rngs = {} if deterministic or rng is None else {"dropout": rng}
         logits = model.apply(mvars, batch["input_ids"], batch["attention_mask"],
                              deterministic=deterministic, rngs=rngs, logits_at=pos)["logits"]
@@ -111,7 +95,7 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
         if spec.kind == "encoder_decoder":
             pos = jnp.zeros((logits.shape[0], 1), jnp.int32)
         else:
-            pos = batch["mask_pos"] + inserted_before(spec.methods)
+            pos = batch["mask_pos"] + inserted_before(spec.methods, 1)
         return label_word_scores(logits, pos, jnp.asarray(spec.label_word_ids, jnp.int32),
                                  causal=spec.kind == "decoder")
     if spec.kind == "encoder_decoder":
@@ -120,10 +104,8 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
     else:
         hidden = out
     pooled = pooling.pool(spec.pooling, hidden)
-    from peft_jax.peft.heads import apply_head
     head_rng = None if deterministic or rng is None else jax.random.fold_in(rng, 1)
-    y = apply_head(spec.head_kind, head, pooled, deterministic, head_rng,
-                   dropout_rate=spec.head_dropout)
+    y = spec.head.apply(head, pooled, deterministic, head_rng)
     return y[:, 0] if spec.format == "regression" else y
 
 
@@ -132,10 +114,8 @@ def _causal_multi_token(model, spec: FormatSpec, mvars: dict, batch: dict, deter
     """Class scores ``[b, C]`` of multi-token label words for a causal LM: every candidate
     word teacher-forced after the prompt and scored by the sum of its tokens' log-probs
     (:func:`peft_jax.fewshot.scoring.multi_token_scores`); one forward per candidate word."""
-    from peft_jax.fewshot.scoring import multi_token_scores
-
     rngs = {} if deterministic or rng is None else {"dropout": rng}
-    shift = inserted_before(spec.methods)
+    shift = inserted_before(spec.methods, 1)
 
     def logits_fn(ids, mask):
         out = model.apply(mvars, ids, mask, deterministic=deterministic, rngs=rngs)["logits"]

@@ -1,0 +1,82 @@
+"""A trained run's delta written out, and its parameter report.
+
+Formats (``peft-jax export --format``): ``npy`` (prompts by dotted path), ``hf-peft``
+(``adapter_config.json`` + ``adapter_model.safetensors`` for ``peft.PeftModel``),
+``merged`` (a HF model folder with every mergeable method folded into the kernels) and
+``delta`` (peft_jax's own safetensors + metadata). Every method speaks for itself
+(``to_hf_peft``, ``merge``); what a format cannot carry is refused naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from peft_jax.config import ConfigError
+from peft_jax.models.registry import save_pretrained
+from peft_jax.peft import delta_io, tree
+from peft_jax.peft.hf_peft import export_method, module_paths
+from peft_jax.peft.merge import merge
+from peft_jax.peft.method import HfNames, NotSupported
+from peft_jax.peft.partition import assemble
+from peft_jax.peft.report import param_report
+from peft_jax.runner.run import delta_tree
+from peft_jax.runner.session import Session, restore_trained, setup
+
+FORMATS = ("npy", "hf-peft", "merged", "delta")
+
+
+def hf_names(s: Session) -> HfNames:
+    """The HF naming context of this run's model (module names, attention layers)."""
+    pre = s.exp.pre
+    fn = pre.module.hf_module_name
+    name = pre.module.__name__.rsplit(".", 1)[-1]
+    module_name = {"bert": lambda p: fn(p, pre.config.model_type),
+                   "t5": lambda p: fn(p, pre.config)}.get(name, fn)
+    paths = module_paths(pre.base)
+    attention = [p for p in paths if p.endswith("/attention")]
+    return HfNames(module_name=module_name, module_paths=paths, attention_paths=attention,
+                   base_model_name_or_path=s.exp.base_id)
+
+
+def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
+    """Write the trained delta of the run in ``cfg.workdir`` as ``fmt`` to ``out``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r}; choose one of {list(FORMATS)}")
+    s, trainable = restore_trained(cfg, which=which, data="none")
+    exp = s.exp
+    full = delta_tree(trainable, s.frozen)
+    delta = full.get("peft", {})
+    if fmt == "npy":
+        delta_io.export_prompt_npy(delta, out)
+    elif fmt == "delta":
+        delta_io.save_delta(out, full, base_id=exp.base_id, base_hash=exp.base_hash,
+                            methods=exp.methods, overwrite=True)
+    elif fmt == "hf-peft":
+        acting = [m for m in exp.methods if any(m.owns(p) for p in tree.flatten(delta))]
+        if len(acting) != 1:
+            raise ConfigError(f"hf-peft export holds one method; this run's delta has "
+                              f"{[m.name for m in acting]} (use --format delta)")
+        try:
+            export_method(out, delta, acting[0], hf_names(s))
+        except NotSupported as e:
+            raise ConfigError(f"hf-peft export: {e} (use --format delta)") from None
+    else:
+        base = assemble(jax.device_get(s.frozen), jax.device_get(trainable))["params"]
+        try:
+            base = merge(base, delta, exp.methods)
+        except NotSupported as e:
+            raise ConfigError(f"merged export: {e}") from None
+        save_pretrained(exp.pre, out, base=base)
+    return out
+
+
+def parameter_report(cfg) -> str:
+    """Trainable / total parameters per method and module, and optimizer-state bytes
+    (computed abstractly: no data is read, no optimizer state allocated)."""
+    s = setup(cfg, data="none")
+    full = delta_tree(s.state.trainable, s.frozen)
+    frozen_base = s.frozen["params"]
+    base = tree.merge(frozen_base, full.get("params", {})) if full.get("params") else frozen_base
+    return param_report(base, full.get("peft", {}), tx=s.tx, methods=s.exp.methods).table()

@@ -1,0 +1,147 @@
+"""``run_experiment(cfg)``: train (or resume) a run, select, test, save, write its row.
+
+Data flow (DESIGN.md): config -> task (load, encode, fixed-shape batches) -> base loaded
+once -> delta initialized by the methods -> jitted train step over a mesh -> metrics
+(progress bar, JSONL, TensorBoard) -> orbax checkpoint of the delta + optimizer + data
+position -> eval -> ``result.json`` row.
+
+Formats (``config.task.format``):
+- ``classification`` / ``regression``: pooled states (``config.model.pooling``) -> the
+  task head (the ``head`` method, ``delta["head"]``) -> softmax CE / MSE.
+- ``verbalizer``: prompt-based (LM-BFF): a template with the answer slot, label words; the
+  LM's scores of the label words at the mask (MLM) or next-token (causal LM) position. No
+  head: with ``peft.methods=prompt`` only the prompt trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+
+from peft_jax.parallel.prefetch import DevicePrefetcher
+from peft_jax.peft import tree
+from peft_jax.peft.delta_io import save_delta
+from peft_jax.peft.partition import tree_size
+from peft_jax.runner.data import encode_split, load_examples
+from peft_jax.runner.results import flat_config, results_table, write_json
+from peft_jax.runner.session import Session, setup
+from peft_jax.train.checkpoint import DeltaCheckpointer
+from peft_jax.train.forward import make_loss_fn
+from peft_jax.train.loop import LoopConfig, run_loop
+from peft_jax.train.step import jit_train_step, make_train_step
+from peft_jax.train.writers import MetricWriter
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run produced: ``row`` (the JSON row written to ``result.json``) and the live
+    objects (final state, frozen tree, the selected trainable tree, the session)."""
+
+    row: dict
+    state: Any
+    frozen: Any
+    selected: Any
+    session: Session
+
+
+def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
+                   ) -> RunResult:
+    """Train (or resume) the run described by ``cfg``; returns its result (and writes it)."""
+    t_start = time.perf_counter()
+    s = setup(cfg, pretrained)
+    exp, c = s.exp, cfg.train
+    os.makedirs(cfg.workdir, exist_ok=True)
+    main = jax.process_index() == 0
+    state, frozen, batches, shard, meta = s.state, s.frozen, s.batches, s.shard, s.meta_base
+    train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables,
+                                                s.tx, c.grad_accum), s.state_sh, s.frozen_sh, None)
+
+    ckpt = DeltaCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=c.keep)
+    best = (DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
+            if c.best_metric else None)
+    resumed_from = None
+    if c.resume and ckpt.latest_step() is not None:
+        state, restored = ckpt.restore(s.abstract_state(), meta)
+        batches.set_state(restored["data"])
+        resumed_from = int(restored["step"])
+
+    feed, loop_shard = batches, shard
+    if c.prefetch > 0:   # host collation + transfer of step t+1 overlap step t
+        feed, loop_shard = DevicePrefetcher(batches, shard, depth=c.prefetch), (lambda b: b)
+
+    def meta_fn(step: int) -> dict:
+        # the position after the batches consumed (not after those prefetched)
+        return {**meta, "step": int(step), "data": feed.get_state()}
+
+    baseline = s.evaluate(state.trainable) if c.baseline and resumed_from is None else {}
+    writer = MetricWriter(cfg.workdir) if main else None
+    n_params = tree_size(state.trainable)
+    if main:
+        print(f"[peft_jax] {exp.base_id}: {exp.kind}, methods={[m.name for m in exp.methods]}, "
+              f"trainable={n_params:,} / base={tree_size(exp.pre.base):,} params; "
+              f"mesh={dict(s.mesh.shape)}; train={s.n_train} eval={s.n_eval} examples"
+              + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
+              flush=True)
+    try:
+        loop = run_loop(
+            state=state, frozen=frozen, train_step=train_step, batches=feed, shard=loop_shard,
+            cfg=LoopConfig(total_steps=c.steps, log_every=c.log_every, eval_every=c.eval_every,
+                           ckpt_every=c.ckpt_every, progress=c.progress and main),
+            eval_fn=lambda st: s.evaluate(st.trainable), checkpointer=ckpt, meta_fn=meta_fn,
+            writer=writer, examples_per_step=c.batch_size, best_metric=c.best_metric or None,
+            best_checkpointer=best, on_step=on_step)
+    finally:
+        if feed is not batches:
+            feed.close()
+        ckpt.close()
+        if best is not None:
+            best.close()
+        if writer:
+            writer.close()
+
+    row = {
+        "name": cfg.name, "status": loop.status, "config": flat_config(cfg),
+        "metrics": loop.last_eval, "baseline": baseline,
+        "trainable_params": int(n_params), "base_params": int(tree_size(exp.pre.base)),
+        "steps": int(jax.device_get(loop.state.step)), "wall_s": time.perf_counter() - t_start,
+        "train_wall_s": loop.wall_s, "compilations": loop.compilations,
+        "resumed_from": resumed_from,
+    }
+    selected = loop.state.trainable
+    if loop.status == "finished" and best is not None:
+        # model selection (e.g. LM-BFF: the dev-set best step) for the test evaluation
+        sel = DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
+        try:
+            step = sel.best_step()
+            if step is not None:
+                selected = sel.restore(s.abstract_state(), meta, step=step)[0].trainable
+                row["selected_step"] = int(step)
+        finally:
+            sel.close()
+    if loop.status == "finished" and cfg.task.test_split:
+        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split,
+                                                   cfg.task.max_test_examples, cfg.seed))
+        row["test"] = s.evaluate(selected, test_enc)
+    if main:
+        if loop.status == "finished":
+            # the whole delta (trainable and method-owned frozen leaves) and any trained base
+            # leaves; the selected step's under train.best_metric, else the last
+            save_delta(os.path.join(cfg.workdir, "delta"), delta_tree(selected, frozen),
+                       base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
+                       overwrite=True)
+        write_json(os.path.join(cfg.workdir, "result.json"), row)
+        print(results_table(row), flush=True)
+    return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
+
+
+def delta_tree(trainable: Any, frozen: Any) -> dict:
+    """What a delta file holds: the trainable tree, plus method-owned frozen delta leaves."""
+    out = dict(jax.device_get(trainable))
+    frozen_delta = jax.device_get(frozen.get("peft", {}))
+    if frozen_delta:
+        out["peft"] = tree.merge(out.get("peft", {}), frozen_delta)
+    return out
