@@ -184,7 +184,7 @@ def memory_comparison(base: Any, setups: Mapping[str, tuple[Any, Sequence[str]]]
     rows = []
     for name, (delta, patterns) in setups.items():
         rep = param_report(base, delta, patterns)
-        tr, _ = split_trainable(base, delta, base_patterns, run_methods)
+        tr, _ = split_trainable(base, delta, patterns)
         rows.append(MemoryRow(name, rep.trainable, rep.trainable_bytes,
                               optimizer_state_bytes(make_tx(tr), tr),
                               rep.total_bytes - rep.trainable_bytes))
