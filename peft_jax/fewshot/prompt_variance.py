@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from peft_jax.fewshot.methods import Budget, method_config, train, untrained, write_row, _row, plain
+from peft_jax.fewshot.methods import Budget, _row, method_config, train, untrained, write_row
 
 SETTINGS = ("zeroshot", "incontext", "prompt")
 # causal-friendly templates (the answer slot ends the prompt) and label words per task group
@@ -88,7 +88,7 @@ def run_prompt(setting: str, spec: PromptSpec, k: int, task: str, seed: int, mod
             return json.load(f)
     cfg.task.template, cfg.task.label_words = spec.template, spec.words
     t0 = time.perf_counter()
-    res = untrained(cfg, pre) if setting in ("zeroshot", "incontext") else plain(train(cfg, pre))
+    res = untrained(cfg, pre) if setting in ("zeroshot", "incontext") else train(cfg, pre).row
     row = _row(cfg, setting, res, t0, prompt={**dataclasses.asdict(spec), "index": k})
     row["config"]["fewshot.prompt"] = f"p{k}"
     return write_row(cfg, row)
