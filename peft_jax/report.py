@@ -220,6 +220,29 @@ def _pyplot():
     return plt
 
 
+def plot_lines(curves: Sequence[tuple], path: str, xlabel: str, ylabel: str, title: str = "",
+               unit_square: bool = False, figsize: tuple = (6, 4.5)) -> str:
+    """Line plot of ``(label, xs, ys)`` curves saved to ``path``; ``unit_square``: axes on
+    [0, 1] with the diagonal (reliability diagrams)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    if unit_square:
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ablation(table: Sequence[Mapping[str, Any]], x: str, hue: Optional[str], metric: str, path: str,
                   logx: bool = True, scale: float = 1.0, title: Optional[str] = None) -> str:
     """Metric mean +- std vs ``x`` (numeric), one line per ``hue`` value; saved to ``path``."""

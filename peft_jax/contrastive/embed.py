@@ -63,6 +63,17 @@ def embed_outputs(model: Any, variables: dict, input_ids: Array, attention_mask:
     return pooling_lib.pool(pooling, outputs).astype(jnp.float32)
 
 
+def state_at_outputs(model: Any, variables: dict, input_ids: Array, attention_mask: Array,
+                     pos: Array, rngs: Optional[dict] = None, deterministic: bool = True) -> Array:
+    """Run ``model`` and take the last layer's state at ``pos [b]`` (an input position;
+    soft-prompt inserts before the text are accounted for): ``[b, d]`` fp32."""
+    out = model.apply(variables, input_ids=input_ids, attention_mask=attention_mask,
+                      deterministic=deterministic, rngs=rngs)
+    h = out["hidden_states"]
+    shift = h.shape[1] - input_ids.shape[1]
+    return jnp.take_along_axis(h, (pos + shift)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
 @dataclasses.dataclass
 class Embedder:
     """``embedder(sentences) -> np.ndarray [n, d]`` (or ``[n, k]`` after whitening).
@@ -89,12 +100,19 @@ class Embedder:
                              f"{sorted(pooling_lib.POOLERS)}")
         self._fn = jax.jit(functools.partial(embed_outputs, self.model, pooling=self.pooling))
 
+    def _token_ids(self, sentences: list[str]) -> tuple[list[list[int]], Optional[list[int]]]:
+        """Token ids per sentence and (subclasses) the position to read, or None."""
+        return self.tokenizer.encode(sentences), None
+
+    def _forward(self, tok: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> Array:
+        return self._fn(self.variables, tok, mask)
+
     def raw(self, sentences: Sequence[str]) -> np.ndarray:
         """Pooled embeddings before whitening / normalization: ``[n, d]`` float32."""
         sentences = list(sentences)
         if not sentences:
             raise ValueError("Embedder: no sentences given")
-        ids = self.tokenizer.encode(sentences)
+        ids, positions = self._token_ids(sentences)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[Optional[np.ndarray]] = [None] * len(ids)
         bs = self.batch_size
@@ -103,11 +121,13 @@ class Embedder:
             length = _round_up(max(max(len(ids[i]) for i in rows), 1), self.length_bucket)
             tok = np.full((bs, length), self.tokenizer.pad_id, np.int32)
             mask = np.zeros((bs, length), np.int32)
+            pos = np.zeros((bs,), np.int32)
             for r, i in enumerate(rows):
                 tok[r, :len(ids[i])] = ids[i]
                 mask[r, :len(ids[i])] = 1
+                pos[r] = positions[i] if positions is not None else 0
             mask[len(rows):, 0] = 1  # filler rows: one real token, results dropped
-            emb = np.asarray(jax.device_get(self._fn(self.variables, tok, mask)))
+            emb = np.asarray(jax.device_get(self._forward(tok, mask, pos)))
             for r, i in enumerate(rows):
                 out[i] = emb[r]
         return np.stack(out).astype(np.float32)
@@ -195,10 +215,16 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--fit-whitening", default=None, metavar="PATH",
                    help="fit whitening on these sentences, save it to PATH and apply it")
     p.add_argument("--whitening-dim", type=int, default=None, help="k kept by --fit-whitening")
+    p.add_argument("--flow", default=None, help="apply a BERT-flow .npz (peft_jax.contrastive.flow)")
+    p.add_argument("--fit-flow", default=None, metavar="PATH",
+                   help="fit BERT-flow on these sentences, save it to PATH and apply it")
+    p.add_argument("--flow-steps", type=int, default=300, help="optimizer steps of --fit-flow")
     p.add_argument("--normalize", action="store_true", help="L2-normalize the output vectors")
     args = p.parse_args(argv)
-    if args.whitening and args.fit_whitening:
-        p.error("--whitening and --fit-whitening are exclusive")
+    post = [f for f in ("whitening", "fit_whitening", "flow", "fit_flow") if getattr(args, f)]
+    if len(post) > 1:
+        p.error(f"--{post[0].replace('_', '-')} and --{post[1].replace('_', '-')} are exclusive "
+                "(one post-processor)")
     sents = read_sentences(args.input)
     emb = load_embedder(args.model, pooling=args.pooling, max_length=args.max_length,
                         batch_size=args.batch_size)
@@ -209,6 +235,14 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
         x = apply_whitening(w, x)
     elif args.whitening:
         x = apply_whitening(load_whitening(args.whitening), x)
+    elif args.fit_flow or args.flow:
+        from peft_jax.contrastive import flow
+        if args.fit_flow:
+            post_fn = flow.fit_flow(x, steps=args.flow_steps)
+            flow.save_flow(args.fit_flow, post_fn)
+        else:
+            post_fn = flow.load_flow(args.flow)
+        x = post_fn(x)
     if args.normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

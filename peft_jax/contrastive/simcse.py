@@ -21,6 +21,11 @@ entailment positive, contradiction hard negative; :mod:`peft_jax.contrastive.nli
 ``[3b, l]`` in one forward pass with dropout on, loss
 :func:`peft_jax.contrastive.losses.sup_simcse_loss` (in-batch + hard negatives). It shares
 the model/delta/optimizer/loop set-up with the unsupervised path (``_train``).
+
+The rest of the contrastive family (:func:`train_contrastive`): the positive generator and
+the loss are an objective of :mod:`peft_jax.contrastive.objectives` (ConSERT augmentations,
+DeCLUTR spans, BYOL with an EMA target, PromptBERT / PromptEOL, RankEncoder); unsupervised
+SimCSE is ``objectives.Dropout()``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from peft_jax.contrastive.batches import RankBatches, SentenceBatches, TripletBatches  # noqa: F401
 from peft_jax.contrastive.embed import Embedder, embed_outputs, make_tokenizer
-from peft_jax.contrastive.losses import contrastive_accuracy, sup_simcse_loss, unsup_simcse_loss
+from peft_jax.contrastive.losses import contrastive_accuracy, sup_simcse_loss
+from peft_jax.contrastive.objectives import Dropout, Encode, Objective, model_variables
 from peft_jax.models.slots import Slots
 from peft_jax.parallel.mesh import shard_batch
 from peft_jax.peft import heads
@@ -80,24 +87,17 @@ def apply_head(head: dict, x: Array) -> Array:
 
 # ----------------------------------------------------------------------------- loss
 
-def make_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_head: bool = True
-                 ) -> Callable:
+def make_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_head: bool = True,
+                 objective: Objective = Dropout()) -> Callable:
     """``loss_fn(variables, batch, dropout_rng, deterministic) -> (loss, metrics)`` for
-    :func:`peft_jax.train.step.make_train_step`. batch: ``input_ids``, ``attention_mask``
-    ``[b, l]`` and optional ``valid [b]`` (0 = padding row)."""
+    :func:`peft_jax.train.step.make_train_step`. ``objective`` (default: unsupervised
+    SimCSE's dropout views; :mod:`peft_jax.contrastive.objectives`) turns the batch into
+    views and a loss. SimCSE batch: ``input_ids``, ``attention_mask`` ``[b, l]`` and optional
+    ``valid [b]`` (0 = padding row)."""
+    enc = Encode(model, pooling, use_head, vocab_size=int(getattr(model.config, "vocab_size", 0)))
 
     def loss_fn(variables: dict, batch: dict, rng: Array, deterministic: bool):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        both_ids = jnp.concatenate([ids, ids], axis=0)        # [2b, l]: two dropout views
-        both_mask = jnp.concatenate([mask, mask], axis=0)
-        z = embed_outputs(model, model_variables(variables), both_ids, both_mask, pooling,
-                          rngs={"dropout": rng}, deterministic=deterministic)
-        if use_head:
-            z = apply_head(variables["peft"]["head"], z)
-        b = ids.shape[0]
-        z1, z2 = z[:b], z[b:]
-        loss = unsup_simcse_loss(z1, z2, temperature, valid=batch.get("valid"))
-        return loss, {"accuracy": contrastive_accuracy(z1, z2)}
+        return objective.loss(enc, variables, batch, rng, deterministic, temperature)
 
     return loss_fn
 
@@ -127,91 +127,7 @@ def make_sup_loss_fn(model: Any, pooling: str, temperature: float = 0.05, use_he
     return loss_fn
 
 
-def model_variables(variables: dict) -> dict:
-    """Variables for the model itself: the training-only ``head`` removed from the delta."""
-    delta = {k: v for k, v in variables.get("peft", {}).items() if k != "head"}
-    out = {"params": variables["params"]}
-    if delta:
-        out["peft"] = delta
-    return out
-
-
 # ----------------------------------------------------------------------------- data
-
-class SentenceBatches:
-    """Endless shuffled fixed-shape batches of tokenized sentences (``[b, max_length]``);
-    resumable: ``get_state()`` / ``set_state(state)`` give/restore ``(epoch, position)``."""
-
-    def __init__(self, token_ids: Sequence[Sequence[int]], batch_size: int, max_length: int,
-                 pad_id: int, seed: int = 0):
-        if len(token_ids) < batch_size:
-            raise ValueError(f"SimCSE needs at least batch_size={batch_size} sentences, "
-                             f"got {len(token_ids)}")
-        self.ids = [list(t)[:max_length] for t in token_ids]
-        self.batch_size, self.max_length, self.pad_id, self.seed = batch_size, max_length, pad_id, seed
-        self.epoch, self.pos = 0, 0
-        self._order = self._perm(0)
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.pos}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["position"])
-        self._order = self._perm(self.epoch)
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        if self.pos + self.batch_size > len(self._order):  # drop the ragged tail of an epoch
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = self._perm(self.epoch)
-        rows = self._order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return self._batch(rows)
-
-    def _batch(self, rows: np.ndarray) -> dict:
-        ids, mask = self._pad([self.ids[i] for i in rows])
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def _pad(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Token lists -> ``input_ids, attention_mask [b, max_length]`` (int32)."""
-        ids = np.full((len(seqs), self.max_length), self.pad_id, np.int32)
-        mask = np.zeros((len(seqs), self.max_length), np.int32)
-        for r, t in enumerate(seqs):
-            ids[r, :len(t)] = t
-            mask[r, :len(t)] = 1
-        return ids, mask
-
-
-class TripletBatches(SentenceBatches):
-    """Endless shuffled batches of tokenized triplets: ``input_ids``/``attention_mask``
-    (anchors), ``pos_*`` and ``neg_*``, each ``[b, max_length]``; resumable as
-    :class:`SentenceBatches` (same shuffling over triplet indices)."""
-
-    def __init__(self, anchor_ids: Sequence[Sequence[int]], pos_ids: Sequence[Sequence[int]],
-                 neg_ids: Sequence[Sequence[int]], batch_size: int, max_length: int,
-                 pad_id: int, seed: int = 0):
-        if not len(anchor_ids) == len(pos_ids) == len(neg_ids):
-            raise ValueError(f"triplet columns differ in length: anchors {len(anchor_ids)}, "
-                             f"positives {len(pos_ids)}, negatives {len(neg_ids)}")
-        if len(anchor_ids) < batch_size:
-            raise ValueError(f"supervised SimCSE needs at least batch_size={batch_size} "
-                             f"triplets, got {len(anchor_ids)}")
-        super().__init__(anchor_ids, batch_size, max_length, pad_id, seed)
-        self.pos_ids = [list(t)[:max_length] for t in pos_ids]
-        self.neg_ids = [list(t)[:max_length] for t in neg_ids]
-
-    def _batch(self, rows: np.ndarray) -> dict:
-        out = super()._batch(rows)
-        for name, col in (("pos", self.pos_ids), ("neg", self.neg_ids)):
-            ids, mask = self._pad([col[i] for i in rows])
-            out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = ids, mask
-        return out
-
 
 def unlabelled_sentences(source: str, split: str = "train", data_dir: Optional[str] = None,
                          limit: Optional[int] = None) -> list[str]:
@@ -239,9 +155,15 @@ class SimCSEResult:
     variables: dict        # {"params": base, "peft": delta} (head removed)
     head: Optional[dict]
     loop: LoopResult
+    objective: Objective = Dropout()
+    cfg: Optional[SimCSEConfig] = None
 
-    def embedder(self, tokenizer: Any, pooling: str, **kw) -> Embedder:
-        return Embedder(self.model, self.variables, tokenizer, pooling=pooling, **kw)
+    def embedder(self, tokenizer: Any, pooling: Optional[str] = None, **kw) -> Any:
+        """The objective's sentence embedder (pooling ``pooling`` or the run's)."""
+        cfg = self.cfg or SimCSEConfig()
+        if pooling is not None:
+            cfg = dataclasses.replace(cfg, pooling=pooling)
+        return self.objective.embedder(self.model, self.variables, tokenizer, cfg, **kw)
 
 
 def with_dropout(config: Any, rate: Optional[float]) -> Any:
@@ -275,15 +197,23 @@ def train_simcse(pretrained: Any, sentences: Sequence[str], cfg: SimCSEConfig = 
     train every base leaf. ``eval_fn(embedder) -> metrics`` runs every ``eval_every`` steps
     and at the end (e.g. STS-B dev Spearman).
     """
-    sentences = list(sentences)
+    return train_contrastive(pretrained, sentences, Dropout(), cfg, methods, full_finetune,
+                             mesh, eval_fn, eval_every, progress)
 
-    def batches_of(tokenizer: Any, seed: int) -> SentenceBatches:
-        return SentenceBatches(tokenizer.encode(sentences), cfg.batch_size, cfg.max_length,
-                               tokenizer.pad_id, seed)
 
-    return _train("train_simcse", pretrained, cfg, methods, full_finetune, mesh, eval_fn,
-                  eval_every, progress, batches_of,
-                  lambda model: make_loss_fn(model, cfg.pooling, cfg.temperature, cfg.use_head))
+def train_contrastive(pretrained: Any, texts: Sequence[str], objective: Objective,
+                      cfg: SimCSEConfig = SimCSEConfig(), methods: Sequence[Any] = (),
+                      full_finetune: bool = False, mesh: Any = None,
+                      eval_fn: Optional[Callable[[Any], dict]] = None, eval_every: int = 0,
+                      progress: bool = False) -> SimCSEResult:
+    """Train any :mod:`peft_jax.contrastive.objectives` objective on ``texts`` (sentences;
+    documents for DeCLUTR) through the shared loop; arguments as :func:`train_simcse`."""
+    texts = list(texts)
+    return _train(f"train_contrastive[{objective.name}]", pretrained, cfg, methods,
+                  full_finetune, mesh, eval_fn, eval_every, progress,
+                  lambda tokenizer, seed: objective.batches(tokenizer, texts, cfg, seed),
+                  lambda model: make_loss_fn(model, cfg.pooling, cfg.temperature, cfg.use_head,
+                                             objective), objective)
 
 
 def train_simcse_supervised(pretrained: Any, triplets: Sequence[Sequence[str]],
@@ -315,9 +245,12 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
            full_finetune: bool, mesh: Any, eval_fn: Optional[Callable[[Embedder], dict]],
            eval_every: int, progress: bool,
            batches_of: Callable[[Any, int], SentenceBatches],
-           loss_fn_of: Callable[[Any], Callable]) -> SimCSEResult:
+           loss_fn_of: Callable[[Any], Callable],
+           objective: Objective = Dropout()) -> SimCSEResult:
     """Shared set-up and loop: ``batches_of(tokenizer, seed)`` makes the (resumable) batches,
-    ``loss_fn_of(model)`` the loss for :func:`make_train_step`."""
+    ``loss_fn_of(model)`` the loss for :func:`make_train_step`; ``objective`` may add
+    trainable state (``init_extra``), wrap the optimizer (``wrap_tx``) and embeds for
+    evaluation (``embedder``)."""
     if not methods and not full_finetune:
         raise ValueError(f"{name}: nothing to train; give PEFT methods or full_finetune=True")
     config = with_dropout(pretrained.config, cfg.dropout)
@@ -329,13 +262,16 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
     tokenizer = make_tokenizer(pre.tokenizer, cfg.max_length)
     batches = batches_of(tokenizer, cfg.seed)
 
-    def make_tx(_trainable):
+    def make_tx(trainable):
         tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx
+        return objective.wrap_tx(tx, trainable)   # e.g. BYOL: EMA of the target network
 
     inputs = {"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32)}
+    extra_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
     ts = build_train_state(model, pre.base, methods, inputs, jax.random.PRNGKey(cfg.seed),
-                           make_tx, mesh=mesh)
+                           make_tx, mesh=mesh,
+                           transform=lambda tr: objective.init_extra(tr, extra_rng, pre.d_model))
     frozen, state = ts.frozen, ts.state
     step = make_train_step(loss_fn_of(model), ts.variables, ts.tx)
     if mesh is not None:
@@ -350,8 +286,7 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
 
     loop_eval = None
     if eval_fn is not None:
-        loop_eval = lambda st: eval_fn(Embedder(model, variables_of(st), tokenizer,
-                                                pooling=cfg.pooling))
+        loop_eval = lambda st: eval_fn(objective.embedder(model, variables_of(st), tokenizer, cfg))
     result = run_loop(state=state, frozen=frozen, train_step=train_step, batches=batches,
                       shard=shard, eval_fn=loop_eval,
                       cfg=LoopConfig(total_steps=cfg.steps, log_every=cfg.log_every,
@@ -360,4 +295,5 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
                       meta_fn=lambda: {"data": batches.get_state()})
     variables = variables_of(result.state)
     head_out = result.state.trainable["peft"].get("head") if cfg.use_head else None
-    return SimCSEResult(model=model, variables=variables, head=head_out, loop=result)
+    return SimCSEResult(model=model, variables=variables, head=head_out, loop=result,
+                        objective=objective, cfg=cfg)

@@ -150,6 +150,8 @@ def _row(cfg, method: str, res: dict, t0: float, **extra) -> dict:
            "selected_step": res.get("selected_step"), "steps": res.get("steps", 0),
            "trainable_params": res.get("trainable_params", 0),
            "base_params": res.get("base_params", 0), "wall_s": time.perf_counter() - t0}
+    if res.get("reliability"):
+        row["reliability"] = res["reliability"]
     row["config"]["fewshot.method"] = method
     row.update(extra)
     return row
@@ -162,12 +164,58 @@ def write_row(cfg, row: dict) -> dict:
 
 
 def untrained(cfg, pre: Any) -> dict:
-    """Zero-shot / in-context: dev and test metrics of the base model (LoRA B = 0)."""
+    """Zero-shot / in-context: dev and test metrics of the base model (LoRA B = 0), with the
+    test calibration (``ece``; content-free calibrated ``accuracy_cc`` / ``ece_cc``)."""
     s = setup(cfg, pre)
     test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, 0)
-    return {"metrics": s.evaluate(s.state.trainable),
-            "test": s.evaluate(s.state.trainable, encode_split(s.exp, test)),
-            "trainable_params": 0}
+    metrics = s.evaluate(s.state.trainable, encode_split(s.exp, test))
+    cal = test_calibration(s, s.state.trainable, test)
+    reliability = cal.pop("reliability", None)
+    metrics.update(cal)
+    return {"metrics": s.evaluate(s.state.trainable), "test": metrics, "trainable_params": 0,
+            "reliability": reliability}
+
+
+def content_free_examples(task: Any) -> list[dict]:
+    """Zhao et al.'s content-free inputs (``"N/A"``, ``""``, ``"[MASK]"``) in every text field."""
+    from peft_jax.fewshot.calibration import CONTENT_FREE
+    return [{**{f: cf for f in task.text_fields}, "label": 0} for cf in CONTENT_FREE]
+
+
+def test_calibration(s: Any, trainable: Any, test: list) -> dict:
+    """``ece`` of the test predictions; for prompt (verbalizer) formats also the
+    contextually calibrated ``accuracy_cc`` / ``ece_cc`` (same prompt, demonstrations
+    included, with content-free inputs); ``reliability``: the diagram's bins (lists), before
+    (and after) calibration. Empty for regression tasks."""
+    from peft_jax.fewshot.calibration import (calibration_metrics, content_free_prior,
+                                              contextual_calibrate, label_probs, reliability)
+
+    if s.exp.cfg.task.format == "regression":
+        return {}
+    scores = s.predict_scores(trainable, test)
+    cf = None
+    if s.exp.cfg.task.format == "verbalizer":
+        cf = s.predict_scores(trainable, content_free_examples(s.exp.task))
+    y = np.asarray([ex["label"] for ex in test])
+    out = calibration_metrics(scores, y, cf)
+    out.pop("p_cf", None)
+    bins = {"raw": reliability(label_probs(scores), y)}
+    if cf is not None:
+        bins["calibrated"] = reliability(contextual_calibrate(scores, content_free_prior(cf)), y)
+    out["reliability"] = {k: {f: np.nan_to_num(v[f]).tolist() for f in ("count", "confidence", "accuracy")}
+                          for k, v in bins.items()}
+    return out
+
+
+def with_test_calibration(cfg, res: RunResult) -> RunResult:
+    """``res`` (a finished :func:`train`) with :func:`test_calibration` of its selected step
+    merged into ``res.row["test"]`` (the test subset ``run_experiment`` used)."""
+    s = res.session
+    test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, cfg.seed)
+    cal = test_calibration(s, res.selected, test)
+    res.row["reliability"] = cal.pop("reliability", None)
+    res.row["test"] = {**res.row.get("test", {}), **cal}
+    return res
 
 
 class Interrupted(RuntimeError):
@@ -180,6 +228,8 @@ def train(cfg, pre: Any) -> RunResult:
     if res.row["status"] != "finished":
         raise Interrupted(f"{cfg.workdir}: run {res.row['status']} at step {res.row['steps']}; "
                           "no result row written (rerun the command to redo this seed)")
+    if cfg.task.test_split:
+        with_test_calibration(cfg, res)
     return res
 
 
