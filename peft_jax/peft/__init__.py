@@ -9,6 +9,7 @@ mergeable methods into the base; ``mixed`` runs mixed-task batches.
 # The registered methods (importing a module registers its class).
 from peft_jax.peft.adapters import Adapter
 from peft_jax.peft.base_rules import BitFit, FullFinetuning
+from peft_jax.peft.dora import DoRA
 from peft_jax.peft.heads import Head
 from peft_jax.peft.ia3 import IA3
 from peft_jax.peft.lora import LoRA
