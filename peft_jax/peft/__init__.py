@@ -15,6 +15,7 @@ from peft_jax.peft.ia3 import IA3
 from peft_jax.peft.lora import LoRA
 from peft_jax.peft.prefix import PrefixTuning, materialize
 from peft_jax.peft.prompt import PromptTuning, set_prompt
+from peft_jax.peft.vera import VeRA
 
 from peft_jax.peft.init_delta import dense_paths, init_delta
 from peft_jax.peft.merge import merge, strip_leaves, unmerge
