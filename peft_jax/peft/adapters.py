@@ -50,8 +50,7 @@ class Adapter(PeftMethod):
     def __post_init__(self):
         if self.placement not in KINDS:
             self.fail("placement", f"choose one of {list(KINDS)}")
-        if isinstance(self.bottleneck, bool) or int(self.bottleneck) < 1:
-            self.fail("bottleneck", "must be >= 1")
+        self.check_int("bottleneck", 1)
         try:
             get_activation(self.activation, "activation")
         except ValueError as e:

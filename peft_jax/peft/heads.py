@@ -116,8 +116,7 @@ class Head(PeftMethod):
     d_model: int = internal(0, "input width (0: the base's embedding width)")
 
     def __post_init__(self):
-        if not 0.0 <= float(self.dropout) < 1.0:
-            self.fail("dropout", "must be in [0, 1)")
+        self.check_rate("dropout")
         if self.kind not in KINDS:
             self.fail("kind", f"choose one of {list(KINDS)}")
 

@@ -38,11 +38,7 @@ class IA3(PeftMethod):
     feedforward: str = option(r".*/down$", "regex of targets scaled at their input ('' = none)")
 
     def __post_init__(self):
-        for field in ("targets", "feedforward"):
-            try:
-                re.compile(getattr(self, field))
-            except re.error as e:
-                self.fail(field, f"invalid regex ({e})")
+        self.check_regex("targets", "feedforward")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.targets, path) is not None

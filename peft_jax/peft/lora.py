@@ -96,14 +96,9 @@ class LoRA(PeftMethod):
     init_a: str = option("kaiming", "lora_a init: kaiming | gaussian")
 
     def __post_init__(self):
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            self.fail("targets", f"invalid regex ({e})")
-        if isinstance(self.rank, bool) or int(self.rank) < 1:
-            self.fail("rank", "must be >= 1")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            self.fail("dropout", "must be in [0, 1)")
+        self.check_regex("targets")
+        self.check_int("rank", 1)
+        self.check_rate("dropout")
         if float(self.alpha) <= 0:
             self.fail("alpha", "must be > 0")
         if self.init_a not in INITS:

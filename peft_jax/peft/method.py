@@ -56,9 +56,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import ml_collections
+import numpy as np
 
 Array = Any
 
@@ -216,6 +218,24 @@ class PeftMethod:
         """Raise :class:`OptionError` for ``field`` of this method."""
         raise OptionError(self.name or type(self).__name__, field, getattr(self, field, None),
                           problem)
+
+    # shared option checks (for ``__post_init__``)
+
+    def check_regex(self, *fields: str) -> None:
+        for field in fields:
+            try:
+                re.compile(getattr(self, field))
+            except re.error as e:
+                self.fail(field, f"invalid regex ({e})")
+
+    def check_int(self, field: str, minimum: int) -> None:
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            self.fail(field, f"must be an integer >= {minimum}")
+
+    def check_rate(self, field: str) -> None:
+        if not 0.0 <= float(getattr(self, field)) < 1.0:
+            self.fail(field, "must be in [0, 1)")
 
     # -- leaves ---------------------------------------------------------------------------
 

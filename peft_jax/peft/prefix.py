@@ -60,16 +60,11 @@ class PrefixTuning(PeftMethod):
     init_scale: float = option(1.0, "std of the normal init")
 
     def __post_init__(self):
-        if isinstance(self.length, bool) or int(self.length) < 1:
-            self.fail("length", "must be >= 1")
         if self.projection_hidden is None:
             object.__setattr__(self, "projection_hidden", 0)
-        if int(self.projection_hidden) < 0:
-            self.fail("projection_hidden", "must be >= 0 (0: no reparameterization)")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            self.fail("targets", f"invalid regex ({e})")
+        self.check_int("length", 1)
+        self.check_int("projection_hidden", 0)
+        self.check_regex("targets")
 
     @property
     def kv_prefix_length(self) -> int:

@@ -304,8 +304,8 @@ class PromptTuning(PeftMethod):
     text_token_ids: tuple = internal((), "text: token ids")
 
     def __post_init__(self):
-        if isinstance(self.length, bool) or int(self.length) < 1:
-            self.fail("length", "must be >= 1")
+        self.check_int("length", 1)
+        self.check_int("top_k", 1)
         if self.placement not in PLACEMENTS:
             self.fail("placement", f"choose one of {list(PLACEMENTS)}")
         if self.init not in INITS:

@@ -71,16 +71,10 @@ class VeRA(PeftMethod):
     projection_prng_key: int = option(0, "seed of the shared projections (JAX PRNG)")
 
     def __post_init__(self):
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            self.fail("targets", f"invalid regex ({e})")
-        if isinstance(self.rank, bool) or int(self.rank) < 1:
-            self.fail("rank", "must be >= 1")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            self.fail("dropout", "must be in [0, 1)")
-        if isinstance(self.projection_prng_key, bool) or int(self.projection_prng_key) < 0:
-            self.fail("projection_prng_key", "must be an integer >= 0")
+        self.check_regex("targets")
+        self.check_int("rank", 1)
+        self.check_rate("dropout")
+        self.check_int("projection_prng_key", 0)
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.targets, path) is not None
