@@ -132,17 +132,23 @@ def runner_config(model_dir: str, workdir: str, overrides: dict):
     return c
 
 
-def hf_tensors(exp, trainable: Any, folder: str, module_prefix: str) -> dict[str, np.ndarray]:
-    """The trainable delta in HF PEFT's layout (the exported adapter's tensors + the head)."""
+def hf_tensors(s, trainable: Any, folder: str, module_prefix: str) -> dict[str, np.ndarray]:
+    """The trainable delta of session ``s`` in HF PEFT's layout (the exported adapter's
+    tensors + the head)."""
     import jax
 
-    from peft_jax.experiment import HF_TASK_TYPES, _hf_names
+    from peft_jax.peft import Head
     from peft_jax.peft.hf_peft import export_method, read_adapter
+    from peft_jax.runner.export import hf_names
 
     tr = jax.device_get(trainable)["peft"]
-    export_method(folder, {k: v for k, v in tr.items() if k != "head"}, exp.methods[0],
-                  hf_module_name=_hf_names(exp), module_prefix=module_prefix,
-                  task_type="SEQ_CLS" if "head" in tr else HF_TASK_TYPES[exp.kind])
+    names = hf_names(s)
+    if "head" in tr:   # BertForSequenceClassification: modules under "bert.", task SEQ_CLS
+        family = names.module_name
+        names = dataclasses.replace(names, task_type="SEQ_CLS",
+                                    module_name=lambda p: module_prefix + family(p))
+    method = next(m for m in s.exp.methods if not isinstance(m, Head))
+    export_method(folder, {k: v for k, v in tr.items() if k != "head"}, method, names)
     out = dict(read_adapter(folder)[1])
     if "head" in tr:   # HF PEFT's name of the trained classifier (modules_to_save)
         out[HEAD + "weight"] = np.asarray(tr["head"]["out_proj"]["kernel"]).T
@@ -188,16 +194,16 @@ def _hf_state(pm) -> dict[str, np.ndarray]:
 
 def run_case(name: str, root: str, minilm_path: Optional[str] = None) -> dict:
     """Train case ``name`` both ways under ``root``; returns the comparison row."""
-    from peft_jax.experiment import run_experiment, setup
+    from peft_jax.runner import run_experiment, setup
 
     case = setups(minilm_path)[name]
     model_dir = case.model(os.path.join(root, name))
     cfg = runner_config(model_dir, os.path.join(root, name, "run"), case.overrides)
     s = setup(cfg)
     batches = [next(s.batches) for _ in range(STEPS)]
-    init = hf_tensors(s.exp, s.state.trainable, os.path.join(root, name, "init"), case.module_prefix)
-    trained = run_experiment(cfg)["state"].trainable
-    ours = hf_tensors(s.exp, trained, os.path.join(root, name, "trained"), case.module_prefix)
+    init = hf_tensors(s, s.state.trainable, os.path.join(root, name, "init"), case.module_prefix)
+    trained = run_experiment(cfg).state.trainable
+    ours = hf_tensors(s, trained, os.path.join(root, name, "trained"), case.module_prefix)
     init_folder = os.path.join(root, name, "init")
     theirs = torch_trajectory(case, model_dir, init_folder, init, batches)
     ref = torch_trajectory(case, model_dir, init_folder, init, batches, "float64")

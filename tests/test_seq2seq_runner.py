@@ -84,8 +84,8 @@ def test_lester_recipe_config(folders):
 
     from peft_jax.config import load_config_file
     from peft_jax.defaults import validate
-    from peft_jax.experiment import make_tx
-    from peft_jax.peft.optim import GroupConfig, make_optimizer
+    from peft_jax.peft import PromptTuning
+    from peft_jax.peft.optim import GroupConfig, make_optimizer, optimizer_from_config
 
     c = load_config_file(LESTER)
     validate(c)
@@ -95,7 +95,7 @@ def test_lester_recipe_config(folders):
         ("adafactor", 0.3, "constant", 1e-5)
     assert (c.train.batch_size, c.train.steps) == (32, 30000)
     tr = {"peft": {"prompt": np.random.default_rng(0).normal(size=(100, 64)).astype(np.float32)}}
-    ours = make_tx(c, tr)
+    ours = optimizer_from_config(c.optim, tr, (PromptTuning(length=100),), c.train.steps)
     ref = make_optimizer({"prompt": GroupConfig.lester()}, {"peft": {"prompt": "prompt"}})
     s1, s2 = ours.init(tr), ref.init(tr)
     for k in range(3):
@@ -147,7 +147,7 @@ def test_t5_prompt_tuning_cli_train_resume_eval_export_spot(folders, tmp_path, c
     assert "sst2_t5" in capsys.readouterr().out
     stored = np.load(os.path.join(lib, "sst2_t5.npy"))
     np.testing.assert_array_equal(stored, resumed["peft/prompt"])
-    from peft_jax.experiment import setup
+    from peft_jax.runner import setup
     tgt = _cfg(t5, "--config.peft.prompt.init=file", f"--config.peft.prompt.file={lib}/sst2_t5.npy",
                "--config.task.name=mr", "--config.task.train_split=all", "--config.task.eval_split=all",
                f"--config.workdir={tmp_path / 'target'}")
@@ -159,7 +159,7 @@ def _compare_to_peft_model(cfg, trained, pm):
     """Logits of the run's model with its trained delta vs the HF PeftModel (teacher forcing
     of the targets), on dev examples encoded by the run's own encoder."""
     from peft_jax.data import make_batches
-    from peft_jax.experiment import encode_split, load_examples, setup
+    from peft_jax.runner import encode_split, load_examples, setup
     from peft_jax.models.t5 import shift_right
     from peft_jax.peft.delta_io import unflatten_delta
 
@@ -222,15 +222,15 @@ def test_llama_lora_text_to_text_cli_and_hf_export(folders, tmp_path, capsys):
 
 def _leaf_changes(cfg):
     """Run ``cfg``; (trainable paths, paths whose value changed, base unchanged)."""
-    from peft_jax.experiment import run_experiment, setup
+    from peft_jax.runner import run_experiment, setup
     s = setup(cfg)
     before = flatten_delta(jax.device_get(s.state.trainable))
     base = jax.tree.map(np.array, s.exp.pre.base)
     res = run_experiment(cfg, pretrained=s.exp.pre)
-    after = flatten_delta(jax.device_get(res["state"].trainable))
+    after = flatten_delta(jax.device_get(res.state.trainable))
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     same_base = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base),
-                                                          jax.tree.leaves(res["session"].exp.pre.base)))
+                                                          jax.tree.leaves(res.session.exp.pre.base)))
     return set(before), changed, same_base, res
 
 
@@ -256,14 +256,14 @@ def test_every_method_trains_on_t5_text_to_text(folders, tmp_path, version, meth
         for where in ("encoder/layer_0/attention", "decoder/layer_0/attention",
                       "decoder/layer_0/cross_attention"):
             assert f"peft/{where}/prefix_key" in paths, where
-    assert np.isfinite(res["metrics"]["accuracy"])
+    assert np.isfinite(res.row["metrics"]["accuracy"])
 
 
 def test_pure_prompt_tuning_has_no_head_and_classification_says_it_has_one(folders, tmp_path):
     """With the label-word formats (text_to_text on T5 / the Llama, verbalizer on the Llama)
     peft.methods=prompt trains the prompt alone; the classification format adds a head, and
     peft-jax params says so."""
-    from peft_jax.experiment import parameter_report, setup
+    from peft_jax.runner import parameter_report, setup
     for model, fmt in ((folders["t5_v1.0"], "text_to_text"), (folders["llama"], "text_to_text"),
                        (folders["llama"], "verbalizer")):
         s = setup(_cfg(model, f"--config.task.format={fmt}", "--config.peft.prompt.init=uniform",
