@@ -5,6 +5,7 @@
     peft-jax export   --config ... --format npy|hf-peft|merged --out DIR
     peft-jax params   --config ...           (trainable / total parameter report)
     peft-jax methods                         (every PEFT method with its config keys)
+    peft-jax zeroshot --config ... [--split S]   (the untrained base model, no training step)
     peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
     peft-jax sweep    --config ... --root DIR [--dry-run] [--parallel N]
     peft-jax report   DIR [--group-by ...] (mean (std) over seeds, plots)
@@ -119,6 +120,17 @@ def cmd_methods(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_zeroshot(argv: Sequence[str]) -> int:
+    cfg, rest = _load_cfg(argv)
+    p = argparse.ArgumentParser(prog="peft-jax zeroshot")
+    p.add_argument("--split", default=None, help="default: config.task.eval_split")
+    args = p.parse_args(rest)
+    from peft_jax.runner import zeroshot_experiment
+    metrics = zeroshot_experiment(cfg, split=args.split)
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
 def cmd_convert(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="peft-jax convert")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, or a known name")
@@ -150,6 +162,7 @@ def _lazy(module: str, fn: str):
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "params": cmd_params,
     "convert": cmd_convert, "setup-models": cmd_setup_models, "methods": cmd_methods,
+    "zeroshot": cmd_zeroshot,
     "sweep": _lazy("peft_jax.sweep", "sweep_main"),
     "report": _lazy("peft_jax.report", "report_main"),
     "spot": _lazy("peft_jax.transfer.cli", "spot_main"),

@@ -13,7 +13,7 @@ from peft_jax import peft as _methods  # noqa: F401  (registers every method)
 from peft_jax.config import ConfigError, check_choice
 from peft_jax.peft.method import REGISTRY, BuildContext, OptionError, method_class
 
-FORMATS = ("classification", "regression", "verbalizer")
+FORMATS = ("classification", "regression", "verbalizer", "text_to_text")
 HEAD_FORMATS = ("classification", "regression")
 POOLINGS = ("cls", "cls_before_pooler", "mean", "first_last_avg", "last_token")
 
@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "sst2"               # a registered task (peft_jax.data) or "file"
-    c.task.format = "classification"  # classification | regression | verbalizer
+    c.task.format = "classification"  # classification | regression | verbalizer | text_to_text
+    c.task.eval_mode = "both"          # text_to_text: rank (score every class's target) |
+                                       # generate (greedy + exact match) | both
     c.task.train_split = "train"
     c.task.eval_split = "dev"
     c.task.test_split = ""             # evaluated once at the end when set
@@ -61,13 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.mixture_cap = 0            # examples-proportional cap per task (0 = none)
     c.task.mixture_temperature = 1.0
     c.task.mixture_examples = 0       # size of the mixed training list (0 = sum of capped sizes)
-    c.task.template = ""               # verbalizer format: "" = the task's default template
+    c.task.template = ""               # verbalizer: "" = the task's default template;
+                                       # text_to_text: "" = T5's "<task> <field>: <text>" format
     c.task.label_words = ""            # "great,terrible" (one per class, in label order); "" = default
     c.task.file = ml_collections.ConfigDict()   # a user's dataset (task.name = "file")
     c.task.file.train = ""             # paths per split (.tsv / .csv / .jsonl)
     c.task.file.dev = ""
     c.task.file.test = ""
     c.task.file.format = ""            # "" = from the extension
+    c.task.file.kind = ""              # "" = classification with label_names, else regression;
+                                       # text2text: label_field holds the target text
     c.task.file.header = False
     c.task.file.columns = "text,label"  # headerless tsv/csv column names
     c.task.file.text_fields = "text"
@@ -168,6 +173,8 @@ def validate(cfg) -> None:
     check_choice(cfg, "optim.schedule", ("constant", "linear", "cosine"))
     check_choice(cfg, "task.demonstrations", ("", "random", "similarity"))
     check_choice(cfg, "task.mixture_mode", ("proportional", "temperature", "equal"))
+    check_choice(cfg, "task.eval_mode", ("both", "rank", "generate"))
+    check_choice(cfg, "task.file.kind", ("", "classification", "regression", "text2text"))
     if cfg.task.demonstrations and cfg.task.format != "verbalizer":
         raise ConfigError(f"config.task.demonstrations={cfg.task.demonstrations!r} needs "
                           f"config.task.format='verbalizer' (got {cfg.task.format!r})")
@@ -185,7 +192,8 @@ def validate(cfg) -> None:
         if name == "head" and cfg.task.format not in HEAD_FORMATS:
             raise ConfigError(f"config.peft.methods: 'head' needs config.task.format "
                               f"classification or regression (got {cfg.task.format!r}); "
-                              "the verbalizer format scores label words without a head")
+                              "the verbalizer and text_to_text formats score label words "
+                              "without a head")
         if name in cfg.peft:   # the options alone (what needs the tokenizer comes later)
             try:
                 cls(**cls.kwargs_from_config(cfg.peft[name]))
@@ -215,6 +223,8 @@ def file_task_config(cfg) -> dict:
            "header": bool(f.header), "text_fields": split(f.text_fields), "label_field": f.label_field}
     if f.format:
         out["format"] = f.format
+    if f.kind:
+        out["kind"] = f.kind
     if not f.header:
         out["columns"] = split(f.columns)
     if f.label_names:

@@ -30,8 +30,10 @@ def write_task(folder: str, n_train: int = 64, n_dev: int = 32, seed: int = 0) -
     return paths
 
 
-def write_tiny_bert(folder: str, tokenizer_src: str, seed: int = 0, dropout: float = 0.1) -> str:
-    """A random 2-layer BERT (d=32) with the all-MiniLM-L6-v2 tokenizer, as a HF folder."""
+def write_tiny_bert(folder: str, tokenizer_src: str, seed: int = 0, dropout: float = 0.1,
+                    init_std: float = 0.02) -> str:
+    """A random 2-layer BERT (d=32) with the all-MiniLM-L6-v2 tokenizer, as a HF folder
+    (weights ~ N(0, init_std))."""
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -40,7 +42,8 @@ def write_tiny_bert(folder: str, tokenizer_src: str, seed: int = 0, dropout: flo
     from peft_jax.models import bert
 
     cfg = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=128,
-                               hidden_dropout=dropout, attention_dropout=dropout)
+                               hidden_dropout=dropout, attention_dropout=dropout,
+                               initializer_range=init_std)
     model = bert.BertModel(cfg)
     base = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.ones((1, 8), jnp.int32))["params"])
     bert.save_hf(folder, cfg, jax.device_get(base))

@@ -83,6 +83,13 @@ def multirc_em(preds, labels, groups) -> float:
     return float(np.mean(~wrong))
 
 
+def exact_match(preds: Sequence[Optional[str]], targets: Sequence[str]) -> float:
+    """Fraction of generated texts equal to their target text (None: no answer)."""
+    if len(preds) != len(targets) or not preds:
+        raise ValueError(f"exact_match: {len(preds)} predictions for {len(targets)} targets")
+    return float(np.mean([p is not None and p == t for p, t in zip(preds, targets)]))
+
+
 METRICS = {"accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "mcc": mcc, "pearson": pearson,
            "spearman": spearman, "f1a": multirc_f1a}
 

@@ -8,7 +8,8 @@ being hard-coded per family; the *family* decides what a prompt's answer slot be
 - ``mlm`` (BERT/RoBERTa encoders): ``T`` mask tokens, ``T`` = the longest label word in tokens;
 - ``causal`` (decoder-only): the prompt ends at the answer slot; ``mask_pos`` are the positions
   whose next-token logits predict the answer tokens (optionally a chat template around it);
-- ``t5`` (text-to-text): input text and target text (``encode_text_to_text``).
+- ``t5`` (encoder-decoder): input text and target text (``encode_text_to_text``, which also
+  writes text-to-text examples for causal LMs: source + target in one sequence).
 
 Encoders return an ``Encoded``: ragged token features (padded later by ``make_batches`` to a
 length bucket), per-example scalars, ragged targets (padded to a fixed target length) and
@@ -194,7 +195,8 @@ def _soft_labels(examples: Sequence[Mapping], label: np.ndarray) -> Optional[np.
     return out
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id (else EOS, else 0)."""
     pid = tokenizer.pad_token_id
     if pid is None:
         pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -242,7 +244,7 @@ def encode_classification(examples: Sequence[Mapping], tokenizer, max_len: int,
         features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out],
                   "token_type_ids": types_out},
         scalars=_common_scalars(examples, task),
-        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
+        pad={"input_ids": pad_token_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
 
 
 def _label_word_ids(tokenizer, words: list[list[str]], space: bool, strip: bool) -> np.ndarray:
@@ -253,11 +255,16 @@ def _label_word_ids(tokenizer, words: list[list[str]], space: bool, strip: bool)
         for w, t in zip(ws, ts):
             if not t:
                 raise DataError(f"label word {w!r} tokenizes to nothing")
-    T = max(len(t) for ts in toks for t in ts)
-    W = max(len(ts) for ts in toks)
-    out = np.full((len(words), W, T), -1, np.int32)
-    for c, ts in enumerate(toks):
-        for w, t in enumerate(ts):
+    return _ragged_table(toks)
+
+
+def _ragged_table(seqs: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+    """``[C][W]`` token lists -> ``[C, W, T]`` int32, -1 padded."""
+    T = max(len(t) for ws in seqs for t in ws)
+    W = max(len(ws) for ws in seqs)
+    out = np.full((len(seqs), W, T), -1, np.int32)
+    for c, ws in enumerate(seqs):
+        for w, t in enumerate(ws):
             out[c, w, :len(t)] = t
     return out
 
@@ -277,7 +284,8 @@ def _chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
 def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, tokenizer,
                   family: str = "mlm", max_len: int = 256, task: Optional[Task] = None,
                   truncate_side: Any = "right", demonstrations: Optional[Sequence[Sequence[Mapping]]] = None,
-                  include_answer: bool = False, chat: bool = False) -> Encoded:
+                  include_answer: bool = False, chat: bool = False,
+                  answer_ids: Optional[Sequence[Sequence[int]]] = None) -> Encoded:
     """Prompt + verbalizer encoding (LM-BFF / PET style).
 
     ``template``/``verbalizer`` default to the task's (None). Features: input_ids,
@@ -285,7 +293,9 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
     the T answer tokens), label, has_label, idx; constants: label_word_ids [C, W, T] (-1 pad).
     ``mlm``: T mask tokens at the slot. ``causal``: the sequence ends at the slot (text after
     it is dropped); ``include_answer`` appends the gold label word (scalar answer_len) for
-    teacher-forced training; ``chat`` wraps the prompt in the tokenizer's chat template.
+    teacher-forced training, ``answer_ids[i]`` (causal) appends those tokens instead (any
+    target sequence; the verbalizer may then be absent: ``label_word_ids`` is ``[0, 1, 1]``);
+    ``chat`` wraps the prompt in the tokenizer's chat template.
     ``demonstrations[i]``: examples shown with example i, rendered with their label word (after
     the query for mlm, separated by the tokenizer's pair separator; before it for causal).
     Fields are truncated longest-first to fit ``max_len``.
@@ -298,16 +308,22 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
                                     or _no_template(task), fields)
     keys = task.verbalizer_keys() if task else (list(verbalizer) if isinstance(verbalizer, Mapping) else
                                                 [str(i) for i in range(len(verbalizer))])
-    words = verbalizer_words(verbalizer if verbalizer is not None else (task.verbalizer if task else None), keys)
+    given = verbalizer if verbalizer is not None else (task.verbalizer if task else None)
     lay = special_layout(tokenizer)
-    lw = _label_word_ids(tokenizer, words, tmpl.mask_space, lay.strip_space)
+    if given is None and answer_ids is not None:   # free-text answers, no classes
+        words, lw = [], np.full((0, 1, 1), -1, np.int32)
+    else:
+        words = verbalizer_words(given, keys)
+        lw = _label_word_ids(tokenizer, words, tmpl.mask_space, lay.strip_space)
     T = lw.shape[-1]
     label, _ = _labels(examples, task)
     is_reg = task is not None and task.kind == "regression"
     if family == "mlm" and tokenizer.mask_token_id is None:
         raise DataError(f"{type(tokenizer).__name__} has no mask token; family 'mlm' needs one")
-    if include_answer and family != "causal":
-        raise DataError("include_answer is for the causal family")
+    if (include_answer or answer_ids is not None) and family != "causal":
+        raise DataError("include_answer / answer_ids are for the causal family")
+    if answer_ids is not None and len(answer_ids) != len(examples):
+        raise DataError(f"answer_ids: {len(answer_ids)} answers for {len(examples)} examples")
     if chat and family != "causal":
         raise DataError("chat templates are for the causal family")
     chat_pre, chat_post = _chat_wrap(tokenizer) if chat else ([], [])
@@ -359,8 +375,8 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
                 if y is None:
                     raise DataError(f"example {i} demonstration {j - 1} has no label")
                 fixed += int(np.sum(lw[_demo_class(y, task, len(words))][0] >= 0))
-        answer = []
-        if include_answer and label[i] is not None and not is_reg and int(label[i]) >= 0:
+        answer = [] if answer_ids is None else [int(t) for t in answer_ids[i]]
+        if include_answer and answer_ids is None and not is_reg and int(label[i]) >= 0:
             answer = [int(t) for t in lw[int(label[i])][0] if t >= 0]
         if family == "mlm":
             n_demo = len(seq) - 1
@@ -420,7 +436,7 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
         features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out],
                   "token_type_ids": [np.zeros(len(x), np.int32) for x in ids_out]},
         scalars=scalars, constants={"label_word_ids": lw},
-        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
+        pad={"input_ids": pad_token_id(tokenizer), "attention_mask": 0, "token_type_ids": 0})
 
 
 def _no_template(task):
@@ -446,51 +462,114 @@ def t5_input_text(example: Mapping, task: Task) -> str:
     return " ".join(parts)
 
 
+def t5_template(task: Task) -> str:
+    """:func:`t5_input_text` as a template whose answer slot ends it (for causal LMs)."""
+    esc = lambda t: t.replace("{", "{{").replace("}", "}}")
+    fields = "".join(f" {esc(f)}: {{{f}}}" for f in task.text_fields)
+    return f"{esc(task.t5_prefix or task.name)}{fields} {{mask}}"
+
+
+def text_to_text_words(task: Task, template: Any = None, verbalizer: Any = None
+                       ) -> Optional[list[list[str]]]:
+    """Target word(s) of every class: the verbalizer, else the task's default one when a
+    template is given, else the class names (T5's targets); None for tasks without classes."""
+    if task.kind != "classification":
+        return None
+    if verbalizer is None and template is not None:
+        verbalizer = task.verbalizer
+    if verbalizer is None:
+        return [[name] for name in task.label_names]
+    return verbalizer_words(verbalizer, task.verbalizer_keys())
+
+
+def _target_text(example: Mapping, task: Task, words: Optional[list[list[str]]]) -> str:
+    y = example.get("label")
+    if y is None:
+        return ""
+    if isinstance(y, str):
+        return y
+    if words is not None:
+        return words[int(y)][0]
+    return task.label_text(y)
+
+
 def encode_text_to_text(examples: Sequence[Mapping], tokenizer, task: Task, max_len: int = 512,
                         target_len: Optional[int] = None, template: Any = None, verbalizer: Any = None,
-                        mask_text: Optional[str] = None) -> Encoded:
-    """T5-style: input text (T5's task format, or ``template`` with {mask} rendered as
-    ``mask_text``, default the first sentinel '<extra_id_0>' when the vocabulary has one) and the
-    label as target text (the class name, the verbalizer's first word, or the score rounded to
-    0.2). Both end with the tokenizer's end token ('</s>'); inputs are truncated to
-    ``max_len``, targets to ``target_len``. Features: input_ids, attention_mask; targets:
-    targets, target_mask; scalars: label, has_label, idx."""
+                        mask_text: Optional[str] = None, family: str = "t5") -> Encoded:
+    """Text-to-text: a source text and a target text; the loss is on the target tokens only.
+
+    Source: ``template`` (its fields, truncated to fit) or T5's task format
+    (:func:`t5_input_text`). Target: the class's first word (:func:`text_to_text_words`), the
+    score rounded to 0.2 (regression) or the example's text label (text2text tasks), followed
+    by the end token (``'</s>'`` / the tokenizer's EOS). Targets longer than ``target_len``
+    are cut (keeping the end token).
+
+    ``family='t5'`` (encoder-decoder): features input_ids, attention_mask (``{mask}`` rendered
+    as ``mask_text``, default the first sentinel ``'<extra_id_0>'`` when the vocabulary has
+    one; inputs cut to ``max_len``); targets: targets, target_mask ``[T]``.
+    ``family='causal'`` (decoder-only): one sequence ``source + target``, the source ending at
+    the answer slot (text after ``{mask}`` is dropped, fields truncated longest-first);
+    features input_ids, attention_mask, loss_mask (1 on the target tokens); scalar mask_pos
+    ``[n, 1]`` (the last source position, whose logits predict the target); targets as for t5
+    (for exact match).
+
+    Both: scalars label, has_label, idx; for classification tasks the constant
+    ``label_word_ids [C, W, T]``: every class's candidate target sequences (with the end
+    token, -1 padded) for rank classification.
+    """
+    family = normalize_family(family)
+    if family == "mlm":
+        raise DataError("text-to-text needs an encoder-decoder ('t5') or a causal LM ('causal'), "
+                        "not an encoder (use the verbalizer or classification format)")
     lay = special_layout(tokenizer)
     eos = list(lay.suffix) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    tmpl = parse_template(template, task.text_fields) if template is not None else None
+    words = text_to_text_words(task, template, verbalizer)
+    lead = family == "causal" and (tmpl is None or tmpl.mask_space) and not lay.strip_space
+    tbudget = (target_len - len(eos)) if target_len else None
+
+    def target_ids(texts: Sequence[str]) -> list[list[int]]:
+        ids = _batch_ids(tokenizer, [(" " if lead else "") + t if t else "" for t in texts])
+        return [list(x[:tbudget] if tbudget is not None else x) + eos for x in ids]
+
+    gold = target_ids([_target_text(ex, task, words) for ex in examples])
+    constants = {"label_word_ids": _ragged_table([target_ids(ws) for ws in words])} if words else {}
+    tg_out = [np.asarray(x, np.int32) for x in gold]
+    targets = {"targets": tg_out, "target_mask": [np.ones(len(x), np.int32) for x in tg_out]}
+    pad = {"input_ids": pad_token_id(tokenizer), "attention_mask": 0, "targets": pad_token_id(tokenizer),
+           "target_mask": 0}
+    if family == "causal":
+        enc = encode_prompt(examples, template if template is not None else t5_template(task),
+                            words, tokenizer, "causal", max_len, task=task, answer_ids=gold)
+        ids = enc.features["input_ids"]
+        enc.features["loss_mask"] = [np.asarray([0] * (len(x) - len(g)) + [1] * len(g), np.int32)
+                                     for x, g in zip(ids, gold)]
+        enc.scalars["mask_pos"] = enc.scalars["mask_pos"][:, :1]
+        enc.scalars.pop("answer_len", None)
+        enc.targets, enc.constants = targets, constants
+        enc.pad.update(pad, loss_mask=0)
+        return enc
     prefix = list(lay.prefix)
-    words = None
-    if verbalizer is not None or (template is not None and task.verbalizer is not None):
-        words = verbalizer_words(verbalizer if verbalizer is not None else task.verbalizer,
-                                 task.verbalizer_keys())
-    if template is not None:
-        tmpl = parse_template(template, task.text_fields)
+    if tmpl is not None:
         if mask_text is None:
-            vocab = tokenizer.get_vocab()
-            mask_text = "<extra_id_0>" if "<extra_id_0>" in vocab else ""
+            mask_text = "<extra_id_0>" if "<extra_id_0>" in tokenizer.get_vocab() else ""
         inputs = [tmpl.render(ex, mask_text) for ex in examples]
     else:
         inputs = [t5_input_text(ex, task) for ex in examples]
-    targets = []
-    for i, ex in enumerate(examples):
-        y = ex.get("label")
-        if y is None:
-            targets.append("")
-        elif isinstance(y, str):
-            targets.append(y)
-        elif words is not None and task.kind == "classification":
-            targets.append(words[int(y)][0])
-        else:
-            targets.append(task.label_text(y))
-    in_ids = _batch_ids(tokenizer, inputs)
-    tg_ids = _batch_ids(tokenizer, targets)
     budget = max_len - len(prefix) - len(eos)
-    ids_out = [np.asarray(prefix + list(x[:budget]) + eos, np.int32) for x in in_ids]
-    tbudget = (target_len - len(eos)) if target_len else None
-    tg_out = [np.asarray(list(x[:tbudget] if tbudget is not None else x) + eos, np.int32) for x in tg_ids]
-    scalars = _common_scalars(examples, task)
+    ids_out = [np.asarray(prefix + list(x[:budget]) + eos, np.int32) for x in _batch_ids(tokenizer, inputs)]
     return Encoded(
         features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out]},
-        scalars=scalars,
-        targets={"targets": tg_out, "target_mask": [np.ones(len(x), np.int32) for x in tg_out]},
-        pad={"input_ids": _pad_id(tokenizer), "attention_mask": 0, "targets": _pad_id(tokenizer),
-             "target_mask": 0})
+        scalars=_common_scalars(examples, task), targets=targets, constants=constants, pad=pad)
+
+
+def decode_target(tokenizer, ids: Sequence[int], eos_id: Optional[int]) -> Optional[str]:
+    """Text of a target or a generated sequence up to its end token (special tokens dropped,
+    whitespace stripped); None when ``eos_id`` is set and never occurs (an unfinished
+    generation cannot match a target)."""
+    ids = [int(t) for t in ids]
+    if eos_id is not None:
+        if eos_id not in ids:
+            return None
+        ids = ids[:ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

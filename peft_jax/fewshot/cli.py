@@ -21,8 +21,8 @@ import sys
 from typing import Optional, Sequence
 
 from peft_jax.data.builtin import LMBFF_SEEDS
-from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, Budget, Interrupted, method_config,
-                                      run_one)
+from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, Budget, Interrupted, check_template,
+                                      method_config, run_one)
 
 
 def result_path(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str) -> str:
@@ -98,6 +98,10 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         p.error(f"--method {','.join(bad)}: choose from {', '.join(METHODS)}")
     budget = Budget(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Budget)})
+    try:
+        check_template(methods, budget)
+    except ValueError as e:
+        p.error(str(e))
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
     try:

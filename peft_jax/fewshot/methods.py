@@ -44,13 +44,14 @@ from peft_jax.data import get_task
 from peft_jax.data.fewshot import unlabelled
 from peft_jax.defaults import base_config
 from peft_jax.fewshot import pet, protoverb_frozen, self_training
-from peft_jax.models.registry import load_pretrained
+from peft_jax.models.registry import load_pretrained, model_kind
 from peft_jax.runner import RunResult, encode_split, load_examples, run_experiment, setup
 from peft_jax.runner.results import flat_config, write_json
 
 METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "head", "protoverb",
            "protoverb_mean", "pet", "selftrain", "intermediate", "multitask")
 LM_METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "pet")
+TEMPLATE_METHODS = LM_METHODS + ("protoverb",)   # methods that prompt with a template
 DEFAULT_MODEL = {m: ("smollm2" if m in LM_METHODS else "minilm") for m in METHODS}
 
 # Where unlabelled in-domain text comes from (the full task, minus the test file and the shots).
@@ -88,6 +89,8 @@ class Budget:
     demo_max_length: int = 160
     demos: str = "random"              # prompt_demo / incontext: random | similarity
     template: str = "auto"             # LM methods: auto (PVPS[0] where known) | task (default)
+                                       # | a template, e.g. "{sentence} It was {mask}."
+    label_words: str = ""              # with a template: "terrible,great" ("" = task default)
     unlabelled: int = 256              # PET / self-training pool size
     pvps: int = 2                      # PET: number of PVPs
     pet_temperature: float = 2.0
@@ -116,13 +119,17 @@ def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
     c.task.test_split = "test"
     c.task.max_test_examples = b.test_examples
     lm = method in LM_METHODS
-    c.task.format = "verbalizer" if lm else "classification"
+    # encoder-decoder models score label words as target sequences (text-to-text)
+    c.task.format = ("text_to_text" if kind_of(model) == "encoder_decoder" else "verbalizer") \
+        if lm else "classification"
     demos = method in ("incontext", "prompt_demo")
     c.task.demonstrations = b.demos if demos else ""
     c.task.max_length = b.demo_max_length if demos else b.max_length
     c.train.buckets = tuple(x for x in (32, 64, 128, 256) if x < c.task.max_length) + (c.task.max_length,)
     if lm and b.template == "auto" and task in PVP_SETS:
         c.task.template, c.task.label_words = PVPS[PVP_SETS[task]][0]
+    elif lm and custom_template(b):
+        c.task.template, c.task.label_words = b.template, b.label_words
     c.peft.methods = "lora" if lm else "head,lora"
     c.optim.lr = b.lr
     c.optim.warmup_steps = 0
@@ -139,6 +146,32 @@ def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
     c.name = f"fewshot_{task.replace('/', '_')}_{method}_{model}"
     c.workdir = os.path.join(workdir, task.replace("/", "_"), f"{method}_{model}", f"seed{seed}")
     return c
+
+
+def custom_template(budget: Budget) -> bool:
+    """A template of the user's (not "auto" / "task"): every method that prompts uses it."""
+    return budget.template not in ("auto", "task")
+
+
+def check_template(methods: Sequence[str], budget: Budget) -> None:
+    """``--template`` / ``--label-words`` are honoured by the prompting methods and refused
+    for the others (which classify pooled states with a head), never silently ignored."""
+    if not (custom_template(budget) or budget.label_words):
+        return
+    if budget.label_words and not custom_template(budget):
+        raise ValueError("--label-words needs --template (the words fill its {mask} slot)")
+    bad = [m for m in methods if m not in TEMPLATE_METHODS]
+    if bad:
+        raise ValueError(f"--template applies to {', '.join(TEMPLATE_METHODS)}; {', '.join(bad)} "
+                         "classify pooled states with a head and use no template")
+
+
+def kind_of(model: str) -> str:
+    """'encoder' | 'decoder' | 'encoder_decoder' of a model name, read from its config only."""
+    try:
+        return model_kind(model)
+    except FileNotFoundError:   # not installed: loading it later says how to get it
+        return "decoder"
 
 
 # ----------------------------------------------------------------------------- rows
@@ -312,6 +345,9 @@ def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
     if budget.template == "auto" and task in PVP_SETS:
         template, w = PVPS[PVP_SETS[task]][0]
         words = [[x] for x in w.split(",")]
+    elif custom_template(budget):
+        template = budget.template
+        words = [x.split("|") for x in budget.label_words.split(",")] if budget.label_words else None
     res = protoverb_frozen.run(task, seed, budget.test_examples, pre=pre, embed_fn=embed,
                                representation=representation, max_len=budget.max_length,
                                template=template, label_words=words)
@@ -324,6 +360,8 @@ def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
 def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
     """PET: ``budget.pvps`` prompt models -> soft labels on unlabelled data -> distilled student."""
     pvps = PVPS[PVP_SETS.get(task, "")][:budget.pvps] if task in PVP_SETS else None
+    if custom_template(budget):   # the user's PVP first
+        pvps = [(budget.template, budget.label_words)] + list(pvps or [])[1:budget.pvps]
     if not pvps:
         raise ValueError(f"PET: no pattern-verbalizer pairs for {task}; known: {sorted(PVP_SETS)}")
     pool = unlabelled_pool(task, seed, budget.unlabelled)

@@ -13,6 +13,7 @@ Two layers:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -83,7 +84,6 @@ def greedy_generate(model, variables: Mapping[str, Any], input_ids: Array,
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    b, l = input_ids.shape
     mask = (jnp.ones_like(input_ids) if attention_mask is None
             else jnp.asarray(attention_mask, jnp.int32))
     if not bool(jnp.all(mask[:, -1] > 0)):
@@ -92,20 +92,24 @@ def greedy_generate(model, variables: Mapping[str, Any], input_ids: Array,
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     variables = {k: v for k, v in dict(variables).items() if k != "cache"}
+    return _generate(model, int(max_new_tokens), eos_token_id, int(pad_token_id), variables,
+                     input_ids, mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _generate(model, max_new_tokens: int, eos_token_id: Optional[int], pad_token_id: int,
+              variables: Mapping[str, Any], input_ids: Array, mask: Array) -> Array:
+    """Compiled once per (model, shapes, token ids), not per call."""
+    b, l = input_ids.shape
     cache = init_cache(model, variables, b, l + max_new_tokens)
+    out, mut = model.apply({**variables, "cache": cache}, input_ids, mask, decode=True,
+                           prefill=True, mutable=["cache"])
 
-    @jax.jit
-    def run(variables, cache, input_ids, mask):
-        out, mut = model.apply({**variables, "cache": cache}, input_ids, mask, decode=True,
-                               prefill=True, mutable=["cache"])
+    def step(cache, token, _):
+        o, m = model.apply({**variables, "cache": cache}, token[:, None],
+                           jnp.ones((b, 1), jnp.int32), decode=True, prefill=False,
+                           mutable=["cache"])
+        return o["logits"][:, -1], m["cache"]
 
-        def step(cache, token, _):
-            o, m = model.apply({**variables, "cache": cache}, token[:, None],
-                               jnp.ones((b, 1), jnp.int32), decode=True, prefill=False,
-                               mutable=["cache"])
-            return o["logits"][:, -1], m["cache"]
-
-        return greedy_loop(step, mut["cache"], out["logits"][:, -1], max_new_tokens,
-                           eos_token_id, pad_token_id)
-
-    return run(variables, cache, input_ids, mask)
+    return greedy_loop(step, mut["cache"], out["logits"][:, -1], max_new_tokens, eos_token_id,
+                       pad_token_id)

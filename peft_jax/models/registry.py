@@ -89,6 +89,15 @@ def _kind(model_type: str) -> str:
     return {"bert": "encoder", "roberta": "encoder", "t5": "encoder_decoder"}.get(model_type, "decoder")
 
 
+def model_kind(name: str) -> str:
+    """'encoder' | 'decoder' | 'encoder_decoder' of a known name, folder or .gguf file, from
+    its config alone (no weights are read)."""
+    path = resolve(name)
+    if path.endswith(".gguf"):
+        return "decoder"
+    return _kind(hf_io.read_config(path).get("model_type"))
+
+
 def load_pretrained(name: str, allow_download: bool = False, **family_kwargs) -> Pretrained:
     """Load base weights, config and tokenizer (no torch, no pickle)."""
     path = resolve(name, allow_download)
@@ -104,8 +113,8 @@ def load_pretrained(name: str, allow_download: bool = False, **family_kwargs) ->
                                     f"supported; supported: {sorted(FAMILIES)}")
     module = importlib.import_module(FAMILIES[model_type])
     config, base = module.load_hf(path, **family_kwargs)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from peft_jax.models.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(path)
     return Pretrained(name=name, module=module, config=config, base=base, tokenizer=tokenizer,
                       kind=_kind(model_type))
 

@@ -401,6 +401,11 @@ class PromptTuning(PeftMethod):
         init = self.initial_prompt(base, rng)
         if init is None:
             return dict(delta)
+        if isinstance(init, jax.core.Tracer):   # traced (abstract state for a restore): shapes only
+            flat = tree.flatten(delta)
+            path = next(p for p in flat if tree.leaf_name(p) == "prompt")
+            flat[path] = jnp.asarray(init, flat[path].dtype).reshape(flat[path].shape)
+            return tree.unflatten(flat)
         return set_prompt(delta, init)
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:

@@ -18,8 +18,9 @@ from peft_jax.runner.data import encode_split, load_examples, read_extra_train, 
 from peft_jax.runner.experiment import Experiment, build_experiment
 from peft_jax.runner.export import export_experiment, parameter_report
 from peft_jax.runner.run import RunResult, run_experiment
-from peft_jax.runner.session import Session, evaluate_experiment, restore_trained, setup
+from peft_jax.runner.session import (Session, evaluate_experiment, restore_trained, setup,
+                                     zeroshot_experiment)
 
 __all__ = ["Experiment", "RunResult", "Session", "build_experiment", "encode_split", "evaluate_experiment",
            "export_experiment", "load_examples", "mixture_examples", "parameter_report",
-           "read_extra_train", "restore_trained", "run_experiment", "setup"]
+           "read_extra_train", "restore_trained", "run_experiment", "setup", "zeroshot_experiment"]

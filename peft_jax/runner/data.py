@@ -4,7 +4,7 @@ Training examples = the train split (optionally capped) + ``task.extra_train`` r
 (pseudo-labels, soft labels) + a ``task.mixture`` of other tasks; every split is encoded
 for the run's format and model kind (``classification`` / ``regression``: plain
 sequences; ``verbalizer``: template + label words, optionally with LM-BFF
-demonstrations).
+demonstrations; ``text_to_text``: source and target text, T5 or decoder-only).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from peft_jax import data as D
 from peft_jax.config import ConfigError
 from peft_jax.data.fewshot import select_demonstrations
 from peft_jax.data.readers import DataError
-from peft_jax.data.tokenize import encode_classification, encode_prompt
+from peft_jax.data.tokenize import encode_classification, encode_prompt, encode_text_to_text
 from peft_jax.runner.experiment import Experiment, label_words
 
 # batch keys the model-side functions read (the rest stay on the host)
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "mask_pos",
-              "soft_label")
+              "soft_label", "targets", "target_mask", "loss_mask")
 _FAMILY = {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "t5"}
 
 
@@ -38,6 +38,14 @@ def encode_split(exp: Experiment, examples: list, demo_pool: Optional[list] = No
     With ``config.task.demonstrations`` every example gets one demonstration per class from
     ``demo_pool`` (default: the training split), fixed per example and seed."""
     cfg, tok = exp.cfg, exp.pre.tokenizer
+    if cfg.task.format == "text_to_text":
+        if exp.kind == "encoder":
+            raise ConfigError(f"config.task.format='text_to_text' needs an encoder-decoder or "
+                              f"decoder-only model; {exp.base_id} is an encoder (use "
+                              "'verbalizer' or 'classification')")
+        return encode_text_to_text(examples, tok, exp.task, cfg.task.max_length,
+                                   template=cfg.task.template or None,
+                                   verbalizer=label_words(cfg, exp.task), family=_FAMILY[exp.kind])
     if cfg.task.format == "verbalizer":
         demos = None
         if cfg.task.demonstrations:

@@ -9,8 +9,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from peft_jax.data import make_batches
-from peft_jax.data.metrics import compute_metrics
+from peft_jax.data.metrics import compute_metrics, exact_match
+from peft_jax.data.tokenize import decode_target
 from peft_jax.runner.data import model_batch
+from peft_jax.train.forward import generate
 
 
 def predict_encoded(predict: Callable, trainable: Any, frozen: Any, encoded: Any,
@@ -38,6 +40,20 @@ def predict_encoded(predict: Callable, trainable: Any, frozen: Any, encoded: Any
     k = np.concatenate(keep)
     order = np.argsort(np.concatenate(rows)[k], kind="stable")   # buckets -> row order
     return np.concatenate(preds)[k][order], np.concatenate(labels)[k][order]
+
+
+def exact_match_encoded(model: Any, spec: Any, variables: Callable, tokenizer: Any, trainable: Any,
+                        frozen: Any, encoded: Any, shard: Callable, batch_size: int,
+                        buckets: tuple) -> float:
+    """Greedy generation of every row's target (``variables(frozen, trainable)`` -> the
+    model's variables); the fraction whose text, up to the end token, equals the gold
+    target's."""
+    n_new = int(encoded.target_lengths().max())
+    gen = lambda tr, fr, batch: generate(model, spec, variables(fr, tr), batch, n_new)
+    tokens, _ = predict_encoded(gen, trainable, frozen, encoded, shard, batch_size, buckets)
+    eos = spec.eos_token_id
+    return exact_match([decode_target(tokenizer, t, eos) for t in tokens],
+                       [decode_target(tokenizer, t, eos) for t in encoded.targets["targets"]])
 
 
 def task_metrics(task: Any, fmt: str, scores: np.ndarray, labels: np.ndarray) -> dict:

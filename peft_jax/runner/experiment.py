@@ -19,6 +19,7 @@ from peft_jax import data as D
 from peft_jax import defaults
 from peft_jax.config import ConfigError
 from peft_jax.data.templates import verbalizer_words
+from peft_jax.data.tokenize import text_to_text_words
 from peft_jax.models.registry import load_pretrained
 from peft_jax.models.slots import Slots
 from peft_jax.peft import tree
@@ -96,7 +97,10 @@ def build_methods(cfg, pre: Any, task: Any) -> tuple:
     """The methods of ``config.peft.methods`` (+ the format's head), configured for this
     model and task, and checked against the model's shapes."""
     tok = getattr(pre, "tokenizer", None)
-    words = label_words(cfg, task) or task.verbalizer
+    if cfg.task.format == "text_to_text":   # the words the targets are made of
+        words = text_to_text_words(task, cfg.task.template or None, label_words(cfg, task))
+    else:
+        words = label_words(cfg, task) or task.verbalizer
 
     @functools.lru_cache(maxsize=1)
     def train_texts() -> tuple:
@@ -117,12 +121,17 @@ def build_methods(cfg, pre: Any, task: Any) -> tuple:
     return methods
 
 
-def build_experiment(cfg, pretrained: Any = None) -> Experiment:
-    """Validate the config, load the base (or take ``pretrained``) and the task."""
+def build_experiment(cfg, pretrained: Any = None, bare: bool = False) -> Experiment:
+    """Validate the config, load the base (or take ``pretrained``) and the task.
+
+    ``bare``: no PEFT method, the plain base model (zero-shot); only the task head the
+    format needs is kept."""
     defaults.validate(cfg)
     task = load_task(cfg)
     pre = with_model_options(pretrained or load_pretrained(cfg.model.name), cfg)
     methods = build_methods(cfg, pre, task)
+    if bare:
+        methods = tuple(m for m in methods if isinstance(m, Head))
     model = pre.build(Slots(methods, dropout_impl=cfg.model.dropout_impl), DTYPES[cfg.model.dtype])
     return Experiment(cfg=cfg, pre=pre, task=task, methods=methods, model=model,
                       base_id=str(getattr(pre, "name", cfg.model.name)),

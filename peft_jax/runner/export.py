@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from peft_jax import defaults
 from peft_jax.config import ConfigError
 from peft_jax.models.registry import save_pretrained
 from peft_jax.peft import delta_io, tree
@@ -25,6 +26,9 @@ from peft_jax.runner.run import delta_tree
 from peft_jax.runner.session import Session, restore_trained, setup
 
 FORMATS = ("npy", "hf-peft", "merged", "delta")
+# HF PEFT task_type of an adapter for each model kind (PeftModel applies prompts by it)
+HF_TASK_TYPES = {"encoder": "FEATURE_EXTRACTION", "decoder": "CAUSAL_LM",
+                 "encoder_decoder": "SEQ_2_SEQ_LM"}
 
 
 def hf_names(s: Session) -> HfNames:
@@ -37,7 +41,7 @@ def hf_names(s: Session) -> HfNames:
     paths = module_paths(pre.base)
     attention = [p for p in paths if p.endswith("/attention")]
     return HfNames(module_name=module_name, module_paths=paths, attention_paths=attention,
-                   base_model_name_or_path=s.exp.base_id)
+                   task_type=HF_TASK_TYPES[s.exp.kind], base_model_name_or_path=s.exp.base_id)
 
 
 def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
@@ -79,4 +83,16 @@ def parameter_report(cfg) -> str:
     full = delta_tree(s.state.trainable, s.frozen)
     frozen_base = s.frozen["params"]
     base = tree.merge(frozen_base, full.get("params", {})) if full.get("params") else frozen_base
-    return param_report(base, full.get("peft", {}), tx=s.tx, methods=s.exp.methods).table()
+    table = param_report(base, full.get("peft", {}), tx=s.tx, methods=s.exp.methods).table()
+    return table + ("\n\n" + head_note(cfg) if s.exp.head is not None else "")
+
+
+def head_note(cfg) -> str:
+    """Why a head trains: the classification / regression formats put one on the pooled
+    states; only the label-word formats (verbalizer, text_to_text) train the methods alone."""
+    note = (f"note: task.format={cfg.task.format!r} trains a task head (delta 'head') together "
+            f"with peft.methods={cfg.peft.methods!r}.")
+    if "prompt" in defaults.method_list(cfg):
+        note += (" Prompt tuning as Lester et al. define it (only the prompt trains; the frozen "
+                 "LM scores the label words) is task.format='verbalizer' or 'text_to_text'.")
+    return note

@@ -11,6 +11,10 @@ Formats (``config.task.format``):
 - ``verbalizer``: prompt-based (LM-BFF): a template with the answer slot, label words; the
   LM's scores of the label words at the mask (MLM) or next-token (causal LM) position. No
   head: with ``peft.methods=prompt`` only the prompt trains.
+- ``text_to_text``: encoder-decoder (T5) or decoder-only models: the source (template or
+  T5's task format) -> the target text (a class's word, or the example's text target); token
+  cross-entropy on the target only; evaluated by rank classification (every class's target
+  scored) and greedy generation + exact match (``task.eval_mode``). No head either.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ jitted predict function.
 ``setup(cfg, data="eval")`` (evaluation: the eval split only) and ``data="none"``
 (export / parameter report: no data at all) build the state abstractly
 (``jax.eval_shape``), ready for a checkpoint restore (:func:`restore_trained`).
+:func:`zeroshot_experiment` evaluates the plain base model (no method, no training).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
+from peft_jax.data.tokenize import pad_token_id
 from peft_jax.parallel import distributed
 from peft_jax.parallel.mesh import make_mesh, shard_batch
 from peft_jax.peft.delta_io import load_delta, methods_config
@@ -27,7 +29,7 @@ from peft_jax.peft.optim import optimizer_from_config
 from peft_jax.peft import tree
 from peft_jax.runner.data import (encode_split, demonstration_pool, load_examples, model_batch,
                                   training_examples)
-from peft_jax.runner.evaluation import predict_encoded, task_metrics
+from peft_jax.runner.evaluation import exact_match_encoded, predict_encoded, task_metrics
 from peft_jax.runner.experiment import Experiment, build_experiment
 from peft_jax.train.builder import TrainSetup, build_train_state
 from peft_jax.train.checkpoint import DeltaCheckpointer
@@ -72,9 +74,24 @@ class Session:
                                c.eval_batch_size, tuple(c.buckets))
 
     def evaluate(self, trainable: Any, encoded: Any = None) -> dict:
-        """Task metrics of ``trainable`` on ``encoded`` (default: the eval split)."""
-        y, lab = self.predict_rows(trainable, self.eval_enc if encoded is None else encoded)
-        return task_metrics(self.exp.task, self.exp.cfg.task.format, y, lab)
+        """Task metrics of ``trainable`` on ``encoded`` (default: the eval split).
+
+        text_to_text (``task.eval_mode``): rank classification (the task's metrics of the
+        best-scoring class target) and/or greedy generation (``exact_match``)."""
+        encoded = self.eval_enc if encoded is None else encoded
+        cfg = self.exp.cfg
+        if cfg.task.format != "text_to_text":
+            y, lab = self.predict_rows(trainable, encoded)
+            return task_metrics(self.exp.task, cfg.task.format, y, lab)
+        out = {}
+        if cfg.task.eval_mode in ("both", "rank") and self.spec.label_word_ids:
+            y, lab = self.predict_rows(trainable, encoded)
+            out.update(task_metrics(self.exp.task, cfg.task.format, y, lab))
+        if cfg.task.eval_mode in ("both", "generate"):
+            out["exact_match"] = exact_match_encoded(
+                self.exp.model, self.spec, self.ts.variables, self.exp.pre.tokenizer, trainable,
+                self.frozen, encoded, self.shard, cfg.train.eval_batch_size, tuple(cfg.train.buckets))
+        return out
 
     def predict_scores(self, trainable: Any, examples: list) -> np.ndarray:
         """Class scores ``[n, C]`` (or regression values ``[n]``) of ``examples``, in order."""
@@ -83,14 +100,21 @@ class Session:
 
 def format_spec(exp: Experiment, encoded: Any = None) -> FormatSpec:
     """How model outputs become class scores for this run (label words from ``encoded``)."""
-    lw = None
-    if exp.cfg.task.format == "verbalizer" and encoded is not None:
+    cfg, lw = exp.cfg, None
+    if (cfg.task.format in ("verbalizer", "text_to_text") and encoded is not None
+            and "label_word_ids" in encoded.constants):
         lw = tuple(tuple(tuple(int(t) for t in w) for w in c)
                    for c in np.asarray(encoded.constants["label_word_ids"]))
+    if (cfg.task.format == "text_to_text" and encoded is not None and lw is None
+            and cfg.task.eval_mode == "rank"):
+        raise ConfigError(f"config.task.eval_mode='rank' scores every class's target; task "
+                          f"{exp.task.name} has no classes (use 'generate')")
     start = getattr(exp.pre.config, "decoder_start_token_id", 0) or 0
-    return FormatSpec(kind=exp.kind, format=exp.cfg.task.format, pooling=exp.cfg.model.pooling,
+    tok = exp.pre.tokenizer
+    return FormatSpec(kind=exp.kind, format=cfg.task.format, pooling=cfg.model.pooling,
                       head=exp.head, label_word_ids=lw, methods=exp.methods,
-                      decoder_start_token_id=int(start))
+                      decoder_start_token_id=int(start), pad_token_id=pad_token_id(tok),
+                      eos_token_id=tok.eos_token_id)
 
 
 def init_inputs(exp: Experiment, batch: int = 1, length: int = 8) -> dict:
@@ -133,12 +157,15 @@ def meta_base(exp: Experiment) -> dict:
         "optimizer": cfg.optim.optimizer}))
 
 
-def setup(cfg, pretrained: Any = None, data: str = "train") -> Session:
-    """Everything before the first step: load, (encode), init the delta, shard, jit."""
+def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) -> Session:
+    """Everything before the first step: load, (encode), init the delta, shard, jit.
+
+    ``bare``: the plain base model, no PEFT method (the format's head only); its state is
+    initialized even without training data."""
     if data not in DATA_MODES:
         raise ValueError(f"setup: data={data!r}; choose one of {DATA_MODES}")
     distributed.initialize()
-    exp = build_experiment(cfg, pretrained)
+    exp = build_experiment(cfg, pretrained, bare=bare)
     c = cfg.train
     train_enc = eval_enc = batches = None
     if data == "train":
@@ -157,7 +184,7 @@ def setup(cfg, pretrained: Any = None, data: str = "train") -> Session:
     ts = build_train_state(
         exp.model, exp.pre.base, exp.methods, init_inputs(exp), jax.random.PRNGKey(cfg.seed),
         lambda tr: optimizer_from_config(cfg.optim, tr, exp.methods, c.steps), mesh=mesh,
-        transform=transform, abstract=data != "train")
+        transform=transform, abstract=data != "train" and not bare)
     predict = jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables))
     return Session(exp=exp, spec=spec, ts=ts, batches=batches, train_enc=train_enc,
                    eval_enc=eval_enc, predict=predict,
@@ -179,6 +206,20 @@ def restore_trained(cfg, pretrained: Any = None, which: str = "latest", data: st
     finally:
         ckpt.close()
     return s, state.trainable
+
+
+def zeroshot_experiment(cfg, split: Optional[str] = None) -> dict:
+    """Metrics of the untrained base model (no delta, no training step) on ``split``
+    (default ``task.eval_split``) under the config's format, template and label words. With
+    the classification / regression formats the head is freshly initialized (chance level)."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.task.eval_split = split or cfg.task.eval_split
+    if cfg.task.format in ("classification", "regression"):
+        print(f"[peft_jax] zeroshot: task.format={cfg.task.format!r} has a freshly initialized "
+              "head (chance level); 'verbalizer' / 'text_to_text' score label words", flush=True)
+    s = setup(cfg, data="eval", bare=True)
+    return s.evaluate(s.state.trainable)
 
 
 def evaluate_experiment(cfg, split: Optional[str] = None, which: str = "latest") -> dict:

@@ -4,7 +4,10 @@ A batch is a dict of fixed-shape arrays as made by ``peft_jax.data.make_batches`
 ``input_ids``, ``attention_mask``, ``token_type_ids`` (``[b, l]``), ``label [b]`` (int
 classes or float scores), ``example_mask [b]`` (0 for padding rows of a partial last
 batch) and, for the verbalizer format, ``mask_pos [b, T]`` (positions whose logits score
-the T answer tokens, before any soft-prompt insert).
+the T answer tokens, before any soft-prompt insert). The text-to-text format adds
+``targets``/``target_mask [b, T]`` (encoder-decoder: the decoder's target tokens) or
+``loss_mask [b, l]`` (decoder-only: the target tokens inside ``input_ids``) and
+``mask_pos [b, 1]`` (the last source position).
 
 Everything here is a pure function of ``(variables, batch)``; the heads live in
 ``variables["peft"]["head"]`` and are split off before the model is applied.
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.fewshot.scoring import multi_token_scores
-from peft_jax.models import pooling
+from peft_jax.models import generation, pooling, t5
+from peft_jax.models.slots import Insert, remove_inserts
 from peft_jax.peft.method import inserted_before
 from peft_jax.train import losses
 
@@ -36,6 +40,12 @@ def model_variables(variables: dict) -> tuple[dict, Optional[dict]]:
     return out, head
 
 
+def prompt_inserts(methods: tuple) -> tuple:
+    """The :class:`Insert` of every soft prompt of ``methods``, in application order."""
+    return tuple(Insert(m.insert_at, int(m.length)) for m in methods
+                 if hasattr(m, "input_embeddings") and hasattr(m, "insert_at"))
+
+
 def last_real_index(mask: Array) -> Array:
     """Index of the last 1 in each row of ``mask [b, l]`` -> ``[b]``."""
     l = mask.shape[1]
@@ -48,12 +58,15 @@ class FormatSpec:
     """Static description of how to turn model outputs into class scores."""
 
     kind: str                    # 'encoder' | 'decoder' | 'encoder_decoder'
-    format: str                  # 'classification' | 'regression' | 'verbalizer'
+    format: str                  # 'classification' | 'regression' | 'verbalizer' | 'text_to_text'
     pooling: str = "mean"
     head: Any = None             # the Head method (classification / regression formats)
-    label_word_ids: Optional[tuple] = None    # [C][W][T] token ids, -1 = padding
+    label_word_ids: Optional[tuple] = None    # [C][W][T] token ids, -1 = padding (text-to-text:
+                                              # every class's whole target sequence)
     methods: tuple = ()
     decoder_start_token_id: int = 0
+    pad_token_id: int = 0
+    eos_token_id: Optional[int] = None        # generation stops there (text-to-text)
 
 
 def _apply_model(model, spec: FormatSpec, mvars: dict, batch: dict, deterministic: bool,
@@ -78,6 +91,8 @@ def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic:
            rng: Optional[Array] = None) -> Array:
     """Class logits ``[b, c]`` (classification / verbalizer) or predictions ``[b]`` (regression)."""
     mvars, head = model_variables(variables)
+    if spec.format == "text_to_text":
+        return rank_scores(model, spec, mvars, batch)
     if (spec.format == "verbalizer" and spec.kind == "decoder"
             and len(spec.label_word_ids[0][0]) > 1):
         return _causal_multi_token(model, spec, mvars, batch, deterministic, rng)
@@ -143,17 +158,99 @@ def label_word_scores(logits: Array, pos: Array, label_word_ids: Array, causal: 
     ids = jnp.maximum(label_word_ids, 0)                            # [C, W, T]
     tok = logp[:, jnp.arange(t)[None, None, :], ids]                # [b, C, W, T]
     tok = jnp.where(label_word_ids[None] >= 0, tok, 0.0)
-    word = jnp.sum(tok, axis=-1)                                    # [b, C, W]
+    return combine_words(jnp.sum(tok, axis=-1), label_word_ids)
+
+
+def combine_words(word: Array, label_word_ids: Array) -> Array:
+    """Word scores ``[b, C, W]`` -> class scores ``[b, C]``: log-mean-exp over each class's
+    real words (``label_word_ids [C, W, T]``, a word of all -1 is absent)."""
     real = jnp.any(label_word_ids >= 0, axis=-1)[None]              # [1, C, W]
     word = jnp.where(real, word, -jnp.inf)
     n = jnp.sum(real, axis=-1).astype(jnp.float32)
     return jax.nn.logsumexp(word, axis=-1) - jnp.log(n)
 
 
+# ----------------------------------------------------------------------------- text-to-text
+
+
+def rank_scores(model, spec: FormatSpec, mvars: dict, batch: dict) -> Array:
+    """Rank classification ``[b, C]``: the log-probability of every class's target sequence
+    (``spec.label_word_ids [C, W, T]``, EOS included) given the source; several targets of
+    a class are combined by log-mean-exp. Encoder-decoder: the encoder runs once, the
+    decoder on the ``C * W`` candidates; decoder-only: each candidate teacher-forced after
+    the source (:func:`_causal_multi_token`)."""
+    if spec.kind != "encoder_decoder":
+        return _causal_multi_token(model, spec, mvars, batch, True, None)
+    lw = jnp.asarray(spec.label_word_ids, jnp.int32)
+    c, w, t = lw.shape
+    enc = model.apply(mvars, batch["input_ids"], batch["attention_mask"], method="encode")
+    b, k = enc["hidden_states"].shape[0], c * w
+    cand = jnp.broadcast_to(lw.reshape(1, k, t), (b, k, t)).reshape(b * k, t)
+    dec_in = t5.shift_right(jnp.where(cand >= 0, cand, spec.pad_token_id),
+                            spec.decoder_start_token_id, spec.pad_token_id)
+    rep = lambda x: jnp.repeat(x, k, axis=0)
+    logits = model.apply(mvars, dec_in, rep(enc["hidden_states"]), rep(enc["attention_mask"]),
+                         method="decode")["logits"]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tok = jnp.take_along_axis(logp, jnp.maximum(cand, 0)[..., None], axis=-1)[..., 0]
+    word = jnp.sum(jnp.where(cand >= 0, tok, 0.0), axis=-1).reshape(b, c, w)
+    return combine_words(word, lw)
+
+
+def text_to_text_loss(model, spec: FormatSpec, variables: dict, batch: dict,
+                      deterministic: bool = False, rng: Optional[Array] = None) -> Array:
+    """Token cross-entropy on the target tokens only, averaged over the batch's target
+    tokens (Hugging Face's loss with ``labels=-100`` elsewhere). Encoder-decoder: teacher
+    forcing of ``targets`` (decoder input = targets shifted right after the start token);
+    decoder-only: next-token loss at the ``loss_mask`` positions of ``input_ids``."""
+    mvars, _ = model_variables(variables)
+    rngs = {} if deterministic or rng is None else {"dropout": rng}
+    w = batch["example_mask"][:, None] if "example_mask" in batch else 1
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if spec.kind == "encoder_decoder":
+        tgt = batch["targets"]
+        dec_in = t5.shift_right(tgt, spec.decoder_start_token_id, spec.pad_token_id)
+        logits = model.apply(mvars, ids, mask, dec_in, deterministic=deterministic,
+                             rngs=rngs)["logits"]
+        return losses.token_cross_entropy(logits, tgt, batch["target_mask"] * w)[0]
+    logits = model.apply(mvars, ids, mask, deterministic=deterministic, rngs=rngs)["logits"]
+    logits = remove_inserts(prompt_inserts(spec.methods), logits)   # back to input positions
+    return losses.causal_lm_loss(logits, ids, batch["loss_mask"] * w)
+
+
+def left_aligned(input_ids: Array, last: Array, pad_id: int) -> tuple[Array, Array]:
+    """Each row's tokens ``0..last`` moved to the right end: ``[b, l]`` ids and mask, left
+    padded with ``pad_id`` (the layout decoder-only generation needs)."""
+    l = input_ids.shape[1]
+    src = jnp.arange(l)[None, :] - (l - 1 - last)[:, None]
+    valid = src >= 0
+    ids = jnp.take_along_axis(input_ids, jnp.maximum(src, 0), axis=1)
+    return jnp.where(valid, ids, pad_id), valid.astype(jnp.int32)
+
+
+def generate(model, spec: FormatSpec, variables: dict, batch: dict, max_new_tokens: int) -> Array:
+    """Greedy generation of the target after the source -> ``[b, max_new_tokens]`` tokens
+    (``spec.pad_token_id`` after a row's EOS). Encoder-decoder: from the encoder input
+    (:func:`peft_jax.models.t5.greedy_generate`); decoder-only: from ``input_ids`` up to
+    ``mask_pos`` (:func:`peft_jax.models.generation.greedy_generate`)."""
+    mvars, _ = model_variables(variables)
+    if spec.kind == "encoder_decoder":
+        out = t5.greedy_generate(model, mvars, batch["input_ids"], batch["attention_mask"],
+                                 max_new_tokens, spec.decoder_start_token_id, spec.eos_token_id,
+                                 spec.pad_token_id)
+        return out[:, 1:]
+    ids, mask = left_aligned(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask_pos"])[:, 0],
+                             spec.pad_token_id)
+    return generation.greedy_generate(model, mvars, ids, mask, max_new_tokens, spec.eos_token_id,
+                                      spec.pad_token_id)
+
+
 def make_loss_fn(model, spec: FormatSpec) -> Callable:
     """``loss_fn(variables, batch, rng, deterministic) -> (loss, metrics)`` for train/step.py."""
 
     def loss_fn(variables, batch, rng, deterministic):
+        if spec.format == "text_to_text":
+            return text_to_text_loss(model, spec, variables, batch, deterministic, rng), {}
         y = scores(model, spec, variables, batch, deterministic, rng)
         w = batch.get("example_mask")
         if spec.format == "regression":
