@@ -318,7 +318,7 @@ def test_fewshot_template_is_honoured_or_refused(folders, tmp_path, capsys):
                          "--max-length", "48", "--workdir", wd, "--compile-cache", ""]) == 0
     row = json.load(open(next(pathlib.Path(wd).rglob("result.json"))))
     assert row["config"]["task.template"] == tmpl and row["config"]["task.format"] == "text_to_text"
-    assert set(row["metrics"]) == {"accuracy", "exact_match"}
+    assert set(row["metrics"]) == {"accuracy", "exact_match", "ece"}
 
 
 @pytest.mark.slow
