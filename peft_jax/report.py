@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from peft_jax.errors import print_error
+
 RESULT_FILE = "result.json"
 TOP_LEVEL = ("name", "status", "wall_s", "trainable_params")
 NO_SOURCE = (None, "", "none", "None", "random")
@@ -411,7 +413,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
             plot_transfer_heatmap(s, t, m, a.heatmap, relative=a.relative, scale=a.scale)
             print(f"wrote {a.heatmap}")
     except ReportError as e:
-        print(f"report error: {e}", file=sys.stderr)
+        print_error(e, "report: ")
         return 2
     return 0
 

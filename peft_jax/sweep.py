@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 import ml_collections
 
 from peft_jax.config import ConfigError, apply_overrides, load_config_file, split_config_args
+from peft_jax.errors import print_error
 
 RESULT_FILE = "result.json"
 SWEEP_FIELD = "sweep"
@@ -334,7 +335,7 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
                       train_cmd=shlex.split(args.train_cmd) if args.train_cmd else None,
                       fail_fast=args.fail_fast, devices_per_run=args.devices_per_run)
     except (SweepError, ConfigError) as e:
-        print(f"sweep error: {e}", file=sys.stderr)
+        print_error(e, "sweep: ")
         return 2
     if not args.dry_run:
         print(f"sweep: {len(s['finished'])} finished, {len(s['skipped'])} skipped (already finished), "

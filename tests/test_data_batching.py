@@ -112,5 +112,5 @@ def test_state_of_another_configuration_is_rejected():
 
 
 def test_too_few_examples_for_a_batch():
-    with pytest.raises(DataError, match="make no batch"):
+    with pytest.raises(DataError, match=r"make no full batch of .*lower config.train.batch_size"):
         make_batches(_encoded(n=5), 8)

@@ -236,7 +236,7 @@ def test_empty_split_and_unknown_split(tmp_path):
     p = _write(tmp_path / "empty.tsv", "")
     cfg = {"name": "t", "files": {"train": p}, "columns": ["text", "label"], "text_fields": ["text"],
            "label_names": ["neg", "pos"]}
-    with pytest.raises(DataError, match="split 'train' is empty"):
+    with pytest.raises(DataError, match=r"empty.tsv: no examples \(split 'train' of task 't'\)"):
         task_from_config(cfg).load("train")
     with pytest.raises(DataError, match="has no split 'dev'"):
         task_from_config(cfg).load("dev")

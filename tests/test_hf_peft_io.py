@@ -289,7 +289,8 @@ def test_import_errors(fam_bert, tmp_path):
     with pytest.raises(CheckpointError, match=r"peft_type='LOHA' is not supported"):
         H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
     json.dump(dict(cfg, r=3), open(cfg_path, "w"))
-    with pytest.raises(CheckpointError, match=r"do not have the rank 3"):
+    with pytest.raises(CheckpointError, match=r"lora_A.weight' is float32\[2, 32\].* expects "
+                                              r"float32\[3, 32\]"):
         H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
     open(os.path.join(folder, "adapter_model.bin"), "wb").write(b"\x80\x04")

@@ -14,15 +14,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _train_fixtures import config_file, tiny_config, write_task, write_tiny_bert  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, minilm_path):
-    root = tmp_path_factory.mktemp("tiny")
-    model = write_tiny_bert(str(root / "model"), minilm_path)
-    task = write_task(str(root / "data"))
-    return model, task, root
+from _train_fixtures import config_file, tiny_config, write_tiny_bert  # noqa: E402
 
 
 def _leaves(tree):
@@ -116,8 +108,17 @@ def uninterrupted(tiny):
     return _delta(wd)
 
 
-@pytest.mark.parametrize("fault", ["kill@3", "sigterm@3"])
+def _metric_rows(workdir):
+    """(step, kind) of every metrics.jsonl row; kind = train / eval."""
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [(r["step"], "eval" if any(k.startswith("eval/") for k in r) else "train") for r in rows]
+
+
+@pytest.mark.parametrize("fault", ["kill@3", "sigterm@3",
+                                   pytest.param("sigint@3", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(tiny, uninterrupted, fault):
+    """kill -9 / SIGTERM / Ctrl-C after step 3, rerun: the same delta bit for bit, and one
+    metrics.jsonl row per logged step (the resumed run does not append duplicates)."""
     model, task, root = tiny
     wd = str(root / f"cli_{fault.replace('@', '_')}")
     cfg = config_file(str(root / f"cfg_{fault[:4]}.py"), model, task, wd, "lora",
@@ -126,8 +127,11 @@ def test_resume_is_bit_identical(tiny, uninterrupted, fault):
     if fault.startswith("kill"):
         assert p.returncode == -signal.SIGKILL
         assert not os.path.exists(os.path.join(wd, "result.json"))
-    else:  # SIGTERM: finish the step, checkpoint, exit 0
-        assert p.returncode == 0, p.stderr[-2000:]
+    else:  # SIGTERM / SIGINT: finish the step, checkpoint, say so, exit 143 (retry)
+        assert p.returncode == 143, p.stderr[-2000:]
+        assert ("interrupted (or preempted) at step 3; a checkpoint was written; rerun the same "
+                "command to resume") in p.stderr
+        assert "Traceback" not in p.stderr
         assert json.load(open(os.path.join(wd, "result.json")))["status"] == "preempted"
         assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))
     p2 = _cli(["train", "--config", cfg])
@@ -138,6 +142,9 @@ def test_resume_is_bit_identical(tiny, uninterrupted, fault):
     assert sorted(got) == sorted(uninterrupted)
     for k in got:
         assert np.array_equal(got[k], uninterrupted[k]), k
+    rows = _metric_rows(wd)
+    assert sorted(rows) == sorted(_metric_rows(str(root / "cli_full"))), rows
+    assert len(rows) == len(set(rows))
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
@@ -186,6 +193,10 @@ def test_checkpoint_of_other_method_or_base_is_refused(tiny):
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tiny):
+    """The only checkpoint damaged: a CheckpointError naming it; the step folder is moved
+    aside (not deleted), so a rerun starts from step 0."""
+    from peft_jax.models.hf_io import CheckpointError
+
     model, task, root = tiny
     wd = str(root / "corrupt")
     _run(tiny_config(model, task, wd, "lora", **{"train.steps": 2}))
@@ -193,23 +204,31 @@ def test_corrupted_checkpoint_is_a_clear_error(tiny):
     files = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
     for p in files:  # damage every data file of the latest step
         p.write_bytes(b"\x00garbage" * 3)
-    with pytest.raises(ValueError, match="could not be restored.*corrupted"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*checkpoints \(step 2: "
+                                              r".*checkpoints/2/state.*moved to .*checkpoints.damaged"):
         _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4}))
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints.damaged", "2", "state")))
+    res = _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4}))
+    assert res["resumed_from"] is None and res["steps"] == 4
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny):
+    """Two good steps, then a resumed run with lr=1e30 (no clipping): the first update is
+    refused inside the step, training stops naming step 3 and the last good checkpoint (2),
+    and no checkpoint after it exists; checkpoint 2 restores finite and moderate."""
     from peft_jax.train.loop import NonFiniteLoss
 
     model, task, root = tiny
     wd = str(root / "nan")
-    with pytest.raises(NonFiniteLoss, match=r"step \d+.*Last good checkpoint"):
-        _run(tiny_config(model, task, wd, "lora", **{
-            "train.steps": 6, "train.ckpt_every": 1, "optim.lr": 1e30, "optim.optimizer": "sgd",
-            "optim.clip_norm": 0.0}))
-    from peft_jax.train.checkpoint import DeltaCheckpointer
-    c = DeltaCheckpointer(os.path.join(wd, "checkpoints"))
-    assert c.latest_step() is not None
-    c.close()
+    sgd = {"optim.optimizer": "sgd", "optim.clip_norm": 0.0, "train.ckpt_every": 1}
+    _run(tiny_config(model, task, wd, "lora", **{"train.steps": 2, **sgd}))
+    with pytest.raises(NonFiniteLoss, match=r"(exploding update|non-finite .*) at step 3.*the "
+                                            r"update was not applied.*last good checkpoint is step 2"):
+        _run(tiny_config(model, task, wd, "lora", **{"train.steps": 6, "optim.lr": 1e30, **sgd}))
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
+    res = _run(tiny_config(model, task, wd, "lora", **{"train.steps": 3, **sgd}))
+    assert res["resumed_from"] == 2
+    assert max(float(np.max(np.abs(x))) for x in _leaves(res["state"].trainable)) < 10
 
 
 def test_config_typo_fails_before_compiling(tiny):

@@ -96,8 +96,9 @@ class BatchIterator:
             raise DataError(f"a target has {int(tl.max())} tokens, more than target_len={self.target_len}")
         self.batches_per_epoch = len(self._plan(0))
         if self.batches_per_epoch == 0:
-            raise DataError(f"make_batches: {len(encoded)} examples make no batch of {self.global_batch} "
-                            f"rows ({batch_size} x {shard_count} hosts) with drop_remainder=True")
+            raise DataError(f"{len(encoded)} training examples make no full batch of "
+                            f"{self.global_batch} rows ({batch_size} x {shard_count} hosts): lower "
+                            "config.train.batch_size or add examples")
         self.constants = encoded.constants
         h = hashlib.sha1()
         h.update(np.asarray(encoded.lengths()).tobytes())

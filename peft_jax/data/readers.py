@@ -14,6 +14,10 @@ class DataError(ValueError):
     """Bad data or data config; the message names the file, line and field where known."""
 
 
+class EncodingError(DataError):
+    """A line whose bytes do not decode with the file's encoding."""
+
+
 def data_root(root: Optional[str | os.PathLike] = None) -> str:
     """The shared data folder: ``root`` if given, else $PEFT_JAX_DATA, else ``<repo>/../shared/data``."""
     if root is not None:
@@ -27,13 +31,16 @@ def data_root(root: Optional[str | os.PathLike] = None) -> str:
 
 def check_file(path: str) -> str:
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (data root: set PEFT_JAX_DATA or pass data_dir)")
+        where = "" if os.path.isabs(path) else f" (resolved: {os.path.abspath(path)})"
+        raise DataError(f"{path}: file not found{where}; built-in tasks read the data root "
+                        "$PEFT_JAX_DATA (default: ../shared/data next to the repository)")
     return path
 
 
 def read_lines(path: str, encoding: str = "utf-8") -> list[tuple[int, str]]:
-    """``[(line_number, text)]`` without the line ending; a UTF-8 BOM is dropped; latin-1 fallback
-    per line when ``encoding='utf-8'`` fails (TREC has latin-1 bytes)."""
+    """``[(line_number, text)]`` without the line ending; a UTF-8 BOM is dropped. A line that
+    does not decode is an :class:`EncodingError` naming ``path:line`` and the byte (no silent
+    fallback: pass the file's real ``encoding``, e.g. ``latin-1`` for TREC)."""
     check_file(path)
     with open(path, "rb") as f:
         raw = f.read()
@@ -45,8 +52,11 @@ def read_lines(path: str, encoding: str = "utf-8") -> list[tuple[int, str]]:
             line = line[:-1]
         try:
             text = line.decode(encoding)
-        except UnicodeDecodeError:
-            text = line.decode("latin-1")
+        except UnicodeDecodeError as e:
+            raise EncodingError(f"{path}:{i}: byte 0x{line[e.start]:02x} at column {e.start + 1} "
+                                f"is not valid {encoding} text") from None
+        except LookupError:
+            raise DataError(f"{path}: unknown text encoding {encoding!r}") from None
         out.append((i, text))
     if out and out[-1][1] == "":
         out.pop()  # final newline
@@ -76,7 +86,8 @@ class RowErrors:
 
 def read_delimited(path: str, delimiter: str = "\t", header: bool = False, n_fields: Optional[int] = None,
                    min_fields: Optional[int] = None, quoting: bool = False,
-                   errors: Optional[RowErrors] = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+                   errors: Optional[RowErrors] = None, encoding: str = "utf-8"
+                   ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """TSV/CSV rows -> ``(header_names, [(line_number, fields)])``.
 
     ``quoting=False`` splits on the delimiter only (GLUE/SentEval TSVs contain bare quotes);
@@ -84,7 +95,7 @@ def read_delimited(path: str, delimiter: str = "\t", header: bool = False, n_fie
     Rows with a wrong field count are errors (``errors`` decides raise/skip). Blank lines are skipped.
     """
     errors = errors or RowErrors(path)
-    lines = read_lines(path)
+    lines = read_lines(path, encoding)
     names: list[str] = []
     rows: list[tuple[int, list[str]]] = []
     if quoting:
@@ -117,11 +128,12 @@ def read_delimited(path: str, delimiter: str = "\t", header: bool = False, n_fie
     return names, rows
 
 
-def read_jsonl(path: str, errors: Optional[RowErrors] = None) -> list[tuple[int, dict]]:
+def read_jsonl(path: str, errors: Optional[RowErrors] = None,
+               encoding: str = "utf-8") -> list[tuple[int, dict]]:
     """JSON lines -> ``[(line_number, object)]``; invalid JSON or a non-object is a row error."""
     errors = errors or RowErrors(path)
     out = []
-    for ln, text in read_lines(path):
+    for ln, text in read_lines(path, encoding):
         if not text.strip():
             continue
         try:

@@ -148,7 +148,9 @@ class TaskRegistry:
         if name not in self._tasks:
             close = difflib.get_close_matches(name, self._tasks, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise DataError(f"unknown task {name!r}{hint} (see peft_jax.data.list_tasks(); a file of "
-                            "your own: task_from_config; a TFDS dataset: 'tfds:<name>')")
+            raise DataError(f"unknown task {name!r} (config.task.name){hint} Registered: "
+                            f"{', '.join(sorted(self._tasks))}; your own files: "
+                            "--config.task.name=file with config.task.file.train/dev/test; a TFDS "
+                            "dataset: 'tfds:<name>'")
         t = self._tasks[name]
         return t if isinstance(t, Task) else t()

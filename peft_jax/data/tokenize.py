@@ -440,7 +440,8 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
 
 
 def _no_template(task):
-    raise DataError(f"task {task.name if task else '?'} has no default template; pass template=")
+    raise DataError(f"task {task.name if task else '?'} has no default template; set "
+                    "config.task.template (e.g. \"{sentence} It was {mask}.\")")
 
 
 def _demo_class(y, task: Optional[Task], n_classes: int) -> int:

@@ -10,7 +10,9 @@ header (bool, tsv/csv: first row names the columns), columns (names for a header
 text_fields, label_field ("label"), kind (classification | regression | text2text),
 label_names (classification; raw labels may be names or indices), label_map (raw -> name),
 metrics, template, verbalizer, t5_prefix, on_error ("raise": DataError with file and line;
-"skip": drop malformed rows with a warning that counts them).
+"skip": drop malformed rows with a warning that counts them), encoding (of the files,
+default utf-8; undecodable bytes are a DataError naming file:line, never guessed).
+A split file without a single example is a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import math
 import os
 from typing import Any, Mapping
 
-from peft_jax.data.readers import DataError, RowErrors, read_delimited, read_jsonl
+from peft_jax.data.readers import DataError, EncodingError, RowErrors, read_delimited, read_jsonl
 from peft_jax.data.tasks import KINDS, Task
 
 ALLOWED = ("name", "files", "format", "header", "columns", "text_fields", "label_field", "kind",
            "label_names", "label_map", "metrics", "template", "verbalizer", "t5_prefix", "on_error",
-           "description")
+           "description", "encoding")
 
 
 def _fmt(path: str, fmt: Any) -> str:
@@ -63,6 +65,7 @@ def task_from_config(cfg: Mapping[str, Any]) -> Task:
     text_fields = tuple(cfg["text_fields"])
     label_field = cfg.get("label_field", "label")
     on_error = cfg.get("on_error", "raise")
+    encoding = cfg.get("encoding") or "utf-8"
 
     def convert(raw: Any, path: str, line: int):
         if raw is None or raw == "":
@@ -86,23 +89,30 @@ def task_from_config(cfg: Mapping[str, Any]) -> Task:
         raise DataError(f"{path}:{line}: unknown label {raw!r} in field {label_field!r} "
                         f"(labels: {list(labels)})")
 
+    def read_rows(path: str, fmt: str, errors: RowErrors) -> list[tuple[int, dict]]:
+        """``[(line, {field: value})]`` of one file."""
+        if fmt == "jsonl":
+            return read_jsonl(path, errors, encoding)
+        header = bool(cfg.get("header", False))
+        cols = cfg.get("columns")
+        if not header and not cols:
+            raise DataError(f"task config {name!r}: a {fmt} file without header needs 'columns'")
+        names, lines = read_delimited(path, "\t" if fmt == "tsv" else ",", header=header,
+                                      n_fields=None if header else len(cols), quoting=fmt == "csv",
+                                      errors=errors, encoding=encoding)
+        names = list(cols) if cols else names
+        return [(ln, dict(zip(names, f))) for ln, f in lines]
+
     def load(root: str, split: str) -> list:
         path = files[split]
         fmt = _fmt(path, cfg.get("format"))
         errors = RowErrors(path, on_error)
         out = []
-        if fmt == "jsonl":
-            rows = read_jsonl(path, errors)
-        else:
-            header = bool(cfg.get("header", False))
-            cols = cfg.get("columns")
-            if not header and not cols:
-                raise DataError(f"task config {name!r}: a {fmt} file without header needs 'columns'")
-            names, lines = read_delimited(path, "\t" if fmt == "tsv" else ",", header=header,
-                                          n_fields=None if header else len(cols), quoting=fmt == "csv",
-                                          errors=errors)
-            names = list(cols) if cols else names
-            rows = [(ln, dict(zip(names, f))) for ln, f in lines]
+        try:
+            rows = read_rows(path, fmt, errors)
+        except EncodingError as e:
+            raise EncodingError(f"{e}; set config.task.file.encoding (task key 'encoding') to "
+                                "the file's encoding, e.g. latin-1") from None
         for ln, obj in rows:
             try:
                 ex = {}
@@ -121,6 +131,9 @@ def task_from_config(cfg: Mapping[str, Any]) -> Task:
             ex["idx"] = len(out)
             out.append(ex)
         errors.done()
+        if not out:
+            raise DataError(f"{path}: no examples (split {split!r} of task {name!r}"
+                            + (f"; {errors.skipped} malformed rows skipped)" if errors.skipped else ")"))
         return out
 
     return Task(name=name, kind=kind, text_fields=text_fields, splits=tuple(files), loader=load,

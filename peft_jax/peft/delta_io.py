@@ -269,15 +269,30 @@ def read_delta_meta(folder: str) -> dict:
     return meta
 
 
+def tree_spec(tree: Any) -> dict[str, tuple]:
+    """``{path: (shape, dtype name)}`` of a nested-dict tree (arrays or ShapeDtypeStructs),
+    the ``expected`` argument of :func:`load_delta`."""
+    return {p: (tuple(np.shape(x)), np.dtype(x.dtype).name)
+            for p, x in ((p, nn.meta.unbox(x)) for p, x in leaf_paths(tree))}
+
+
 def load_delta(folder: str, *, base_id: Optional[str] = None, base_hash: Optional[str] = None,
-               methods: Optional[Sequence[Any]] = None) -> tuple[dict, dict]:
+               methods: Optional[Sequence[Any]] = None, expected: Optional[Mapping[str, tuple]] = None,
+               partial: bool = False) -> tuple[dict, dict]:
     """Read a delta saved by :func:`save_delta` -> ``(delta of numpy arrays, meta)``.
 
     Each of ``base_id``, ``base_hash``, ``methods`` that is given must match the metadata
-    (else :class:`DeltaMismatch` naming the field and both values).
+    (else :class:`DeltaMismatch` naming the field and both values). Before any tensor byte
+    is read or hashed, the safetensors header is compared with the ``tree`` recorded in
+    ``delta.json`` and with ``expected`` (``{path: (shape, dtype)}``, e.g.
+    :func:`tree_spec` of the parameters the caller will fill): a tensor ``expected`` does
+    not name, or of another shape or dtype, is refused naming it (:class:`DeltaMismatch`),
+    so a file holding e.g. an extra multi-GB tensor fails at once. ``partial=True`` (for
+    ``config.train.init_from``): expected tensors may be absent, and a tensor this run
+    cannot use (another name or shape) that is no larger than the largest expected one is
+    skipped (not read, not returned); larger ones are still refused.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from peft_jax.safetensors_header import check_expected, read_header, read_tensors
 
     meta = read_delta_meta(folder)
     where = os.path.join(folder, META_FILE)
@@ -290,27 +305,23 @@ def load_delta(folder: str, *, base_id: Optional[str] = None, base_hash: Optiona
     tpath = os.path.join(folder, TENSORS_FILE)
     if not os.path.isfile(tpath):
         raise CheckpointError(f"{folder}: {TENSORS_FILE} is missing")
+    infos = read_header(tpath)
+    recorded = {p: (tuple(spec["shape"]), spec["dtype"]) for p, spec in meta["tree"].items()}
+    check_expected(tpath, infos, recorded, what=f"the tree recorded in {META_FILE}")
+    names = list(recorded)
+    if expected is not None:
+        try:
+            names = check_expected(tpath, infos, expected, allow_missing=partial,
+                                   skip_small_unusable=partial, what="this run")
+        except CheckpointError as e:
+            raise DeltaMismatch(str(e)) from None
     digest = _file_sha256(tpath)
     if digest != meta["tensors_sha256"]:
         raise CheckpointError(f"{tpath}: content hash {digest[:16]}... differs from the "
                               f"{meta['tensors_sha256'][:16]}... recorded in {META_FILE}: the "
                               "file is corrupted or was modified")
-    try:
-        flat = load_file(tpath)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{tpath}: cannot read safetensors file ({e})") from None
-    tree = meta["tree"]
-    missing = sorted(set(tree) - set(flat))
-    unknown = sorted(set(flat) - set(tree))
-    if missing or unknown:
-        raise CheckpointError(f"{tpath}: tensors {missing} missing, {unknown} unexpected "
-                              f"(compared with the tree recorded in {META_FILE})")
-    for path, spec in tree.items():
-        a = flat[path]
-        if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
-            raise CheckpointError(f"{tpath}: tensor {path!r} is {a.dtype.name}{list(a.shape)}, "
-                                  f"metadata says {spec['dtype']}{spec['shape']}")
-    return unflatten_delta({p: flat[p] for p in tree}), meta
+    flat = read_tensors(tpath, names)
+    return unflatten_delta(flat), meta
 
 
 # ----------------------------------------------------------------------------- prompts as .npy

@@ -31,7 +31,7 @@ HF PEFT adapters: ``peft_type='LORA'`` with ``use_dora=true``; the tensors are L
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,12 @@ class DoRA(LoRA):
     @classmethod
     def hf_peft_refusal(cls, config: Mapping[str, Any]) -> str:
         return "" if config.get("use_dora") else "DoRA reads use_dora=True adapters"
+
+    hf_suffixes: ClassVar[tuple[str, ...]] = LoRA.hf_suffixes + (HF_MAGNITUDE,)
+
+    @classmethod
+    def hf_tensor_shape(cls, suffix: str, r: int, n_in: int, n_out: int) -> tuple:
+        return (n_out,) if suffix == HF_MAGNITUDE else super().hf_tensor_shape(suffix, r, n_in, n_out)
 
     @classmethod
     def from_hf_peft(cls, config, tensors, names, where=""):

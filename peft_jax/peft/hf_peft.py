@@ -21,14 +21,14 @@ import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from peft_jax.models.hf_io import CheckpointError
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import atomic_folder
 from peft_jax.peft.method import HfNames, NotSupported, PeftMethod, hf_peft_class
 from peft_jax.peft.partition import leaf_paths
+from peft_jax.safetensors_header import check_expected, read_header, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,6 +46,13 @@ def _peft_version() -> str:
         return version("peft")
     except Exception:
         return "0.21.0"
+
+
+def dense_shapes(base: Any) -> dict[str, tuple[int, int]]:
+    """``{module path: (in, out)}`` of every 2-D ``kernel`` of a base pytree (arrays or
+    ShapeDtypeStructs), the ``dense`` field of :class:`HfNames`."""
+    return {tree.parent(p): tuple(int(n) for n in np.shape(x)) for p, x in leaf_paths(base)
+            if p.endswith("/kernel") and len(np.shape(x)) == 2}
 
 
 def module_paths(base: Any) -> list[str]:
@@ -149,9 +156,9 @@ def export_method(folder: str, delta: Any, method: PeftMethod, names: Optional[H
 # ----------------------------------------------------------------------------- import
 
 
-def read_adapter(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(adapter_config, tensors)`` of an HF PEFT adapter folder (no pickle)."""
-    cpath, wpath = os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)
+def adapter_files(folder: str) -> tuple[dict, str]:
+    """``(adapter_config, weights path)`` of an HF PEFT adapter folder (no tensor read)."""
+    cpath, wpath = config_path(folder), weights_path(folder)
     if not os.path.isfile(cpath):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not an HF PEFT adapter folder)")
     try:
@@ -159,16 +166,69 @@ def read_adapter(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cpath}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cpath}: not a JSON object")
     if not os.path.isfile(wpath):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
             raise CheckpointError(f"{folder}: only adapter_model.bin (pickle) found; peft_jax "
                                   "never unpickles. Re-save with safe_serialization=True")
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
+    return cfg, wpath
+
+
+def read_adapter(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config, tensors)`` of an HF PEFT adapter folder (no pickle; every tensor
+    its validated header names -- :func:`import_hf_peft` checks them against the model
+    before reading)."""
+    cfg, wpath = adapter_files(folder)
+    read_header(wpath)
+    return cfg, read_tensors(wpath)
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def module_tensor_shapes(shapes: Mapping[str, tuple], names: HfNames, folder: str,
+                         suffixes: Sequence[str],
+                         shape_of: Callable[[str, str, int, int, tuple], tuple]
+                         ) -> Optional[dict[str, tuple]]:
+    """Expected shapes of a per-module adapter's tensors ``HF_PREFIX + module + suffix``
+    found in its header ``shapes``: ``shape_of(suffix, hf module name, n_in, n_out, shape in
+    the header)``. A tensor with none of ``suffixes`` is left out (so refused as unexpected);
+    one of a module this model lacks is refused by :func:`module_of`. None when ``names``
+    has no kernel shapes (``dense``)."""
+    if not names.dense:
+        return None
+    by_name = reverse_names(names)
+    out = {}
+    for key, got in shapes.items():
+        suffix = next((x for x in suffixes if key.endswith(x)), None)
+        if suffix is None or not key.startswith(HF_PREFIX):
+            continue
+        mod, hf = module_of(key, suffix, by_name, folder)
+        if mod in names.dense:
+            out[key] = tuple(int(n) for n in shape_of(suffix, hf, *names.dense[mod], tuple(got)))
+    return out
+
+
+def check_adapter_header(cls: type, cfg: Mapping, folder: str, names: HfNames) -> None:
+    """Compare the adapter's safetensors header with what ``cfg`` and the model give
+    (``cls.hf_peft_shapes``), before reading any tensor: an unexpected tensor, one of another
+    shape or a non-float one is a :class:`CheckpointError` naming it (and its size)."""
+    wpath = weights_path(folder)
+    infos = read_header(wpath)
+    what = f"a {cfg.get('peft_type')} adapter for this model with its {CONFIG_FILE}"
+    odd = [f"{k!r} {i.describe()}" for k, i in infos.items() if i.dtype not in FLOAT_DTYPES]
+    if odd:
+        raise CheckpointError(f"{wpath}: non-float tensor(s) {', '.join(odd[:5])} that {what} "
+                              "does not have; nothing was read")
     try:
-        tensors = load_file(wpath)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{wpath}: cannot read safetensors file ({e})") from None
-    return cfg, tensors
+        shapes = cls.hf_peft_shapes(cfg, {k: i.shape for k, i in infos.items()}, names, folder)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path(folder)}: unusable field ({e!r})") from None
+    if shapes is not None:
+        check_expected(wpath, infos, {k: (s, infos[k].dtype if k in infos else "float32")
+                                      for k, s in shapes.items()}, allow_missing=True, what=what)
 
 
 def import_hf_peft(folder: str, names: Optional[HfNames] = None, *, base: Any = None,
@@ -182,18 +242,24 @@ def import_hf_peft(folder: str, names: Optional[HfNames] = None, *, base: Any = 
     tuning needs the attention modules in layer order. ``info``: ``method`` (the equivalent
     peft_jax method), ``kind`` (its registry name), ``config`` (the adapter config) and
     ``modules`` (our module paths holding its leaves).
+
+    Before any tensor byte is read, the file's header is compared with the shapes the
+    adapter config and the model give (:func:`check_adapter_header`).
     """
     if names is None:
         names = HfNames(module_name=hf_module_name,
                         module_paths=module_paths(base) if base is not None else (),
-                        attention_paths=tuple(attention_paths or ()), **names_kw)
-    cfg, tensors = read_adapter(folder)
+                        attention_paths=tuple(attention_paths or ()),
+                        dense=dense_shapes(base) if base is not None else {}, **names_kw)
+    cfg, wpath = adapter_files(folder)
     cpath = config_path(folder)
     refuse(cfg, folder, "modules_to_save", lambda v: not v)
     try:
         cls = hf_peft_class(cfg)
     except NotSupported as e:
         raise CheckpointError(f"{cpath}: {e}") from None
+    check_adapter_header(cls, cfg, folder, names)
+    tensors = read_tensors(wpath)
     try:
         method, delta = cls.from_hf_peft(cfg, tensors, names, folder)
     except NotSupported as e:

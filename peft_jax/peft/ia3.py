@@ -108,6 +108,13 @@ class IA3(PeftMethod):
                     init_ia3_weights=True, exclude_modules=None), tensors
 
     @classmethod
+    def hf_peft_shapes(cls, config, shapes, names, where=""):
+        # [1, in] (feed-forward: scales the input) or [out, 1]
+        return hf_peft.module_tensor_shapes(
+            shapes, names, where, (".ia3_l",),
+            lambda sfx, hf, n_in, n_out, got: got if got == (1, n_in) else (n_out, 1))
+
+    @classmethod
     def from_hf_peft(cls, config, tensors, names, where=""):
         hf_peft.refuse(config, where, "fan_in_fan_out", lambda v: not v)
         by_name = hf_peft.reverse_names(names)

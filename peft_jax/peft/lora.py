@@ -23,7 +23,7 @@ import ast
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +236,21 @@ class LoRA(PeftMethod):
     @classmethod
     def hf_peft_refusal(cls, config: Mapping[str, Any]) -> str:
         return "use_dora=True is not supported by LoRA" if config.get("use_dora") else ""
+
+    @classmethod
+    def hf_tensor_shape(cls, suffix: str, r: int, n_in: int, n_out: int) -> tuple:
+        """Shape of an HF LoRA tensor (``suffix``) of a module ``[n_in, n_out]``, rank ``r``."""
+        return (r, n_in) if suffix == ".lora_A.weight" else (n_out, r)
+
+    hf_suffixes: ClassVar[tuple[str, ...]] = (".lora_A.weight", ".lora_B.weight")
+
+    @classmethod
+    def hf_peft_shapes(cls, config, shapes, names, where=""):
+        r, ranks = int(config["r"]), dict(config.get("rank_pattern") or {})
+        return hf_peft.module_tensor_shapes(
+            shapes, names, where, cls.hf_suffixes,
+            lambda sfx, hf, n_in, n_out, got: cls.hf_tensor_shape(
+                sfx, int(hf_peft.hf_pattern_value(ranks, hf, r)), n_in, n_out))
 
     @classmethod
     def read_hf_lora(cls, config: Mapping[str, Any], tensors: Mapping[str, Any],

@@ -142,6 +142,7 @@ class HfNames:
     base_model_name_or_path: Optional[str] = None
     num_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
+    dense: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def hf(self, path: str) -> str:
         if self.module_name is None:
@@ -292,6 +293,14 @@ class PeftMethod:
     def hf_peft_refusal(cls, config: Mapping[str, Any]) -> str:
         """Why ``accepts_hf_peft(config)`` is False, for the error message."""
         return ""
+
+    @classmethod
+    def hf_peft_shapes(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple],
+                       names: HfNames, where: str = "") -> Optional[dict[str, tuple]]:
+        """``{tensor name: shape}`` an adapter with ``config`` has for this model, given the
+        file header's ``shapes`` (checked before any tensor is read; a tensor not named is
+        refused). None: no expectation (only dtypes are checked)."""
+        return None
 
     @classmethod
     def from_hf_peft(cls, config: Mapping[str, Any], tensors: Mapping[str, Any],

@@ -165,6 +165,14 @@ class PrefixTuning(PeftMethod):
         return fields, {"prompt_embeddings": np.concatenate(blocks, axis=1)}
 
     @classmethod
+    def hf_peft_shapes(cls, config, shapes, names, where=""):
+        if config.get("task_type") == "SEQ_2_SEQ_LM" or config.get("num_transformer_submodules") == 2:
+            return None  # refused by from_hf_peft (SEQ2SEQ_PREFIX)
+        n_tok, n_layers = int(config["num_virtual_tokens"]), int(config["num_layers"])
+        h = int(config["num_attention_heads"])
+        return {"prompt_embeddings": (n_tok, 2 * n_layers * h * (int(config["token_dim"]) // h))}
+
+    @classmethod
     def from_hf_peft(cls, config, tensors, names, where=""):
         if config.get("task_type") == "SEQ_2_SEQ_LM" or config.get("num_transformer_submodules") == 2:
             raise NotImplementedError(f"{hf_peft.config_path(where)}: " + SEQ2SEQ_PREFIX)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.models.hf_io import CheckpointError
 from peft_jax.models.slots import Insert
 from peft_jax.peft import hf_peft, tree
 from peft_jax.peft.method import BuildContext, HfNames, PeftMethod, internal, option, register
@@ -64,7 +65,8 @@ def sampled_vocab(table: Array, length: int, rng: Array, top_k: int = 5000,
     if ranking is None:
         if tokenizer_kind is not None and tokenizer_kind.lower() in UNORDERED_TOKENIZERS:
             warnings.warn(f"sampled_vocab: {tokenizer_kind} token ids are not frequency-ordered; "
-                          "pass ranking= (ids sorted by corpus frequency) to sample frequent tokens",
+                          "set config.peft.prompt.ranking=corpus (ranking= in Python: ids sorted "
+                          "by corpus frequency) to sample frequent tokens",
                           stacklevel=2)
         pool = np.arange(min(top_k, vocab))
     else:
@@ -132,33 +134,38 @@ def fit_length(source: np.ndarray, length: int, mode: str = "exact") -> np.ndarr
 
 def from_file(path: str, length: int, resize: Optional[str] = None,
               d: Optional[int] = None) -> Array:
-    """A ``[length, d]`` prompt from a ``.npy`` file (no pickle; SPoT transfer).
+    """A ``[length, d]`` prompt from a ``.npy`` file (no pickle; ``config.peft.prompt.file``).
 
     A different number of rows is an error naming the file and both shapes, unless
     ``resize`` is ``'truncate'`` or ``'tile'`` (:func:`fit_length`;
     ``config.peft.prompt.resize``). ``d``: the expected width (the model's ``d_model``); a
-    different width is always an error. A prompt holding NaN or Inf is refused.
+    different width is always an error, as is a NaN or Inf anywhere in the file (named as
+    the cause, with its row). Errors are :class:`~peft_jax.models.hf_io.CheckpointError`.
     """
+    where = f"config.peft.prompt.file={path!r}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} (config.peft.prompt.file) does not exist")
+        raise CheckpointError(f"{where}: no such file")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # bad header, object arrays, ...
-        raise ValueError(f"prompt file {path!r}: cannot read it as a .npy array ({e})") from None
+        raise CheckpointError(f"{where}: cannot read it as a .npy array ({e})") from None
     want = (length, d if d is not None else (arr.shape[-1] if arr.ndim else -1))
     if arr.ndim != 2 or (d is not None and arr.shape[1] != d):
-        raise ValueError(f"prompt file {path!r} holds a prompt of shape {arr.shape}, expected "
-                         f"{want}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"prompt file {path!r} has dtype {arr.dtype}, expected floats")
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise ValueError(f"prompt file {path!r} holds {bad} non-finite value(s) (NaN/Inf)")
+        raise CheckpointError(f"{where}: holds a prompt of shape {arr.shape}, expected {want} "
+                              "([config.peft.prompt.length, the model's d_model])")
+    if arr.dtype.kind not in "fiu":
+        raise CheckpointError(f"{where}: holds {arr.dtype} values, not numbers")
+    bad = np.argwhere(~np.isfinite(arr)) if arr.dtype.kind == "f" else np.zeros((0, 2), int)
+    if len(bad):
+        r, c = (int(v) for v in bad[0])
+        raise CheckpointError(f"{where}: holds {len(bad)} NaN/Inf value(s) (first at row {r}, "
+                              f"column {c}: {arr[r, c]}); a prompt initialized from it would make "
+                              "every loss NaN")
     try:
         arr = fit_length(arr, length, resize or "exact")
     except ValueError as e:
-        raise ValueError(f"prompt file {path!r} of shape {arr.shape} (expected {want}): "
-                         f"{e}") from None
+        raise CheckpointError(f"{where}: holds a prompt of shape {arr.shape} (expected {want}): "
+                              f"{e}") from None
     return jnp.asarray(arr, jnp.float32)
 
 
@@ -432,6 +439,13 @@ class PromptTuning(PeftMethod):
                       prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                       tokenizer_name_or_path=None, tokenizer_kwargs=None)
         return fields, {"prompt_embeddings": p}
+
+    @classmethod
+    def hf_peft_shapes(cls, config, shapes, names, where=""):
+        n_tok, n_sub = int(config["num_virtual_tokens"]), int(config.get("num_transformer_submodules") or 1)
+        got = tuple(shapes.get("prompt_embeddings", ()))
+        dim = int(config.get("token_dim") or (got[-1] if got else 0))
+        return {"prompt_embeddings": (n_tok * n_sub, dim)}
 
     @classmethod
     def from_hf_peft(cls, config, tensors, names, where=""):

@@ -62,7 +62,8 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
     main = jax.process_index() == 0
     state, frozen, batches, shard, meta = s.state, s.frozen, s.batches, s.shard, s.meta_base
     train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables,
-                                                s.tx, c.grad_accum), s.state_sh, s.frozen_sh, None)
+                                                s.tx, c.grad_accum, c.max_update_ratio),
+                                s.state_sh, s.frozen_sh, None)
 
     ckpt = DeltaCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=c.keep)
     best = (DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
@@ -82,7 +83,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         return {**meta, "step": int(step), "data": feed.get_state()}
 
     baseline = s.evaluate(state.trainable) if c.baseline and resumed_from is None else {}
-    writer = MetricWriter(cfg.workdir) if main else None
+    writer = MetricWriter(cfg.workdir, resume_step=resumed_from or 0) if main else None
     n_params = tree_size(state.trainable)
     if main:
         print(f"[peft_jax] {exp.base_id}: {exp.kind}, methods={[m.name for m in exp.methods]}, "
@@ -94,7 +95,8 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         loop = run_loop(
             state=state, frozen=frozen, train_step=train_step, batches=feed, shard=loop_shard,
             cfg=LoopConfig(total_steps=c.steps, log_every=c.log_every, eval_every=c.eval_every,
-                           ckpt_every=c.ckpt_every, progress=c.progress and main),
+                           ckpt_every=c.ckpt_every, progress=c.progress and main,
+                           ckpt_every_s=c.ckpt_every_s, max_update_ratio=c.max_update_ratio),
             eval_fn=lambda st: s.evaluate(st.trainable), checkpointer=ckpt, meta_fn=meta_fn,
             writer=writer, examples_per_step=c.batch_size, best_metric=c.best_metric or None,
             best_checkpointer=best, on_step=on_step)
@@ -138,7 +140,8 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
                        base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
                        overwrite=True)
         write_json(os.path.join(cfg.workdir, "result.json"), row)
-        print(results_table(row), flush=True)
+        if loop.status == "finished":
+            print(results_table(row), flush=True)
     return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
 
 

@@ -24,7 +24,7 @@ from peft_jax.data import make_batches
 from peft_jax.data.tokenize import pad_token_id
 from peft_jax.parallel import distributed
 from peft_jax.parallel.mesh import make_mesh, shard_batch
-from peft_jax.peft.delta_io import load_delta, methods_config
+from peft_jax.peft.delta_io import load_delta, methods_config, tree_spec
 from peft_jax.peft.optim import optimizer_from_config
 from peft_jax.peft import tree
 from peft_jax.runner.data import (encode_split, demonstration_pool, load_examples, model_batch,
@@ -32,7 +32,7 @@ from peft_jax.runner.data import (encode_split, demonstration_pool, load_example
 from peft_jax.runner.evaluation import exact_match_encoded, predict_encoded, task_metrics
 from peft_jax.runner.experiment import Experiment, build_experiment
 from peft_jax.train.builder import TrainSetup, build_train_state
-from peft_jax.train.checkpoint import DeltaCheckpointer
+from peft_jax.train.checkpoint import CheckpointError, DeltaCheckpointer
 from peft_jax.train.forward import FormatSpec, make_predict_fn
 from peft_jax.train.step import make_eval_step
 
@@ -131,7 +131,8 @@ def init_from_delta(trainable: Any, folder: str, exp: Experiment) -> Any:
     path and shape appear in ``folder`` takes the saved value; the rest (e.g. a head for
     another number of classes) keep their fresh initialization. The delta must belong to
     the same base model."""
-    saved, _ = load_delta(folder, base_id=exp.base_id, base_hash=exp.base_hash)
+    saved, _ = load_delta(folder, base_id=exp.base_id, base_hash=exp.base_hash,
+                          expected=tree_spec(trainable), partial=True)
     src = tree.flatten(saved)
     flat = tree.flatten(trainable)
     taken = [k for k, v in flat.items() if k in src and np.shape(src[k]) == np.shape(v)]
@@ -200,8 +201,8 @@ def restore_trained(cfg, pretrained: Any = None, which: str = "latest", data: st
     ckpt = DeltaCheckpointer(folder)
     try:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {folder}: train first "
-                                    f"(peft-jax train --config ... --workdir {cfg.workdir})")
+            raise CheckpointError(f"no checkpoint in {folder}: train first "
+                                  f"(peft-jax train --config ... --workdir {cfg.workdir})")
         state, _ = ckpt.restore(s.abstract_state(), s.meta_base)
     finally:
         ckpt.close()

@@ -1,15 +1,20 @@
-"""The training loop: steps, progress bar, eval, best/last checkpoints, preemption, NaN stop.
+"""The training loop: steps, progress bar, eval, checkpoints, interrupts, health stop.
 
 Everything model- and task-specific is passed in (a jitted train step, a batch iterator
 with ``get_state``/``set_state``, an eval function); the loop only orchestrates, so the
 same loop serves classification, seq2seq, causal LM, SimCSE and few-shot training.
+
+Checkpoints are written every ``ckpt_every`` steps, whenever ``ckpt_every_s`` seconds have
+passed since the last one, at the end, and on SIGINT/SIGTERM (:mod:`.interrupts`); each
+only after the health flags of every step so far were read (:mod:`.health`), so no saved
+state holds a refused (non-finite or exploded) update. With several processes the
+time-based save and the stop on a signal are agreed at logging steps (one small
+all-gather): process 0's clock decides the save, a signal on any process stops all.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -17,11 +22,11 @@ import jax
 import numpy as np
 
 from peft_jax.train.checkpoint import DeltaCheckpointer
+from peft_jax.train.health import HealthLog, NonFiniteLoss, check_initial
+from peft_jax.train.interrupts import StopSignals
 from peft_jax.train.writers import MetricWriter
 
-
-class NonFiniteLoss(FloatingPointError):
-    """Loss or gradients became NaN/Inf; the message gives the step."""
+__all__ = ["LoopConfig", "LoopResult", "NonFiniteLoss", "run_loop", "compile_count"]
 
 
 @dataclasses.dataclass
@@ -29,45 +34,42 @@ class LoopConfig:
     total_steps: int
     log_every: int = 10
     eval_every: int = 0          # 0: only at the end
-    ckpt_every: int = 0          # 0: only at the end (and on SIGTERM)
+    ckpt_every: int = 0          # 0: only at the end, on ckpt_every_s and on SIGINT/SIGTERM
     progress: bool = True
+    ckpt_every_s: float = 0.0    # also save when this many seconds passed since the last save
+    max_update_ratio: float = 100.0  # as given to make_train_step (named in the error)
 
 
 @dataclasses.dataclass
 class LoopResult:
     state: Any
-    status: str                  # "finished" | "preempted"
+    status: str                  # "finished" | "preempted" (SIGINT / SIGTERM)
     last_eval: dict
     history: list
     steps_run: int
     compilations: int
     wall_s: float
-
-
-class _Preemption:
-    """Sets a flag on SIGTERM (TPU preemption notice); the loop checkpoints and exits."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+    stop_signal: str = ""        # "SIGINT" | "SIGTERM" when preempted
 
 
 def compile_count(jitted: Callable) -> int:
     """Number of compiled variants of a jitted function (one per input shape/bucket)."""
     size = getattr(jitted, "_cache_size", None)
     return int(size()) if callable(size) else -1
+
+
+def _agree(save_due: bool, stop: bool, at_sync_point: bool) -> tuple[bool, bool]:
+    """(save now, stop now), the same on every process (a save is collective). One process:
+    as given. Several: only at sync points (logging steps), from one small all-gather --
+    save when process 0's clock says so, stop when any process got SIGINT/SIGTERM."""
+    if jax.process_count() == 1:
+        return save_due, stop
+    if not at_sync_point:
+        return False, False
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.array([save_due, stop], np.int32)))
+    flags = flags.reshape(-1, 2)
+    return bool(flags[0, 0]), bool(flags[:, 1].any())
 
 
 def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator[dict],
@@ -84,8 +86,12 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
     ``shard``: host batch -> device arrays. ``meta_fn(step)``: checkpoint metadata (must
     include the data iterator position, read *after* the batches consumed so far). ``on_step(step)``
     is a test hook called after each completed step (e.g. to kill the process).
+    Raises :class:`NonFiniteLoss` at the first refused update (see :mod:`.health`).
     """
     start = int(jax.device_get(state.step))
+    check_initial(state.trainable, "the initial delta (config.peft.prompt.file, "
+                  "config.train.init_from or another init option)" if start == 0
+                  else f"the checkpoint of step {start} this run resumed from")
     history: list = []
     last_eval: dict = {}
     t0 = time.perf_counter()
@@ -93,18 +99,34 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
     if cfg.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True)
+    health = HealthLog(cfg.max_update_ratio)
+    ckpts = [c for c in (checkpointer, best_checkpointer) if c is not None]
 
-    saved = [None]
+    def last_good() -> Optional[int]:
+        for c in ckpts:
+            c.wait()  # finish the last good (asynchronous) save
+        return checkpointer.latest_step() if checkpointer else None
+
+    def checked():
+        try:
+            health.check(last_good)
+        except NonFiniteLoss:
+            if bar:
+                bar.close()
+            raise
+
+    saved = [None, time.monotonic()]
 
     def save(step: int, force: bool = False):
         if checkpointer is not None and saved[0] != step:
+            checked()
             checkpointer.save(step, state, meta_fn(step) if meta_fn else {"step": step}, force=force)
-            saved[0] = step
+            saved[0], saved[1] = step, time.monotonic()
 
-    status = "finished"
+    status, stop_signal = "finished", ""
     steps_run = 0
     window_t, window_n = time.perf_counter(), 0
-    with _Preemption() as pre:
+    with StopSignals() as stop:
         step = start
         while step < cfg.total_steps:
             batch = shard(next(batches))
@@ -112,23 +134,14 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
             step += 1
             steps_run += 1
             window_n += 1
+            health.add(step, metrics)
             if on_step is not None:
                 on_step(step)
             last = step == cfg.total_steps
-            if step % max(cfg.log_every, 1) == 0 or last or step == start + 1:
+            log_now = step % max(cfg.log_every, 1) == 0 or last or step == start + 1
+            if log_now:
+                checked()
                 m = jax.device_get(metrics)
-                if float(m.get("finite", 1.0)) < 1.0:
-                    if bar:
-                        bar.close()
-                    for c in (checkpointer, best_checkpointer):
-                        if c is not None:
-                            c.wait()  # finish the last good (asynchronous) save
-                    last_good = checkpointer.latest_step() if checkpointer else None
-                    raise NonFiniteLoss(
-                        f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}); "
-                        f"the update was skipped and training stopped. Last good checkpoint: "
-                        f"{last_good}. Lower the learning rate, enable gradient clipping "
-                        "(config.optim.clip_norm) or check the data.")
                 dt = time.perf_counter() - window_t
                 row = {k: float(np.asarray(v)) for k, v in m.items()}
                 row["steps_per_s"] = window_n / max(dt, 1e-9)
@@ -151,19 +164,23 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
                 if bar:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
             if (best_checkpointer is not None and do_eval and best_metric in last_eval):
+                checked()
                 best_checkpointer.save(step, state, meta_fn(step) if meta_fn else {"step": step},
                                        metrics={best_metric: float(last_eval[best_metric])})
-            if checkpointer is not None and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
+            time_due = cfg.ckpt_every_s > 0 and time.monotonic() - saved[1] >= cfg.ckpt_every_s
+            time_due, stop_now = _agree(time_due, stop.requested, log_now)
+            if checkpointer is not None and (
+                    last or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or time_due):
                 save(step)
-            if pre.flag and not last:
+            if stop_now and not last:
                 save(step, force=True)
-                status = "preempted"
+                status, stop_signal = "preempted", stop.signal
                 break
-    for c in (checkpointer, best_checkpointer):
-        if c is not None:
-            c.wait()
+    checked()
+    for c in ckpts:
+        c.wait()
     if bar:
         bar.close()
     return LoopResult(state=state, status=status, last_eval=last_eval, history=history,
                       steps_run=steps_run, compilations=compile_count(train_step),
-                      wall_s=time.perf_counter() - t0)
+                      wall_s=time.perf_counter() - t0, stop_signal=stop_signal)

@@ -40,14 +40,32 @@ def _tree_all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _max_abs(tree: Any) -> Array:
+    """Largest |value| over a tree's leaves (NaN if any is NaN; 0 for an empty tree)."""
+    leaves = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree) if x.size]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), jnp.float32)
+
+
+def update_ratio(updates: Any, params: Any, floor: float = 0.1) -> Array:
+    """``max|update| / max(max|param|, floor)``: the largest update element relative to the
+    largest parameter (one pass over each tree, no overflow for huge finite values; the
+    floor keeps a zero-initialized tree from reading as an explosion)."""
+    return _max_abs(updates) / jnp.maximum(_max_abs(params), floor)
+
+
 def make_train_step(loss_fn: LossFn, assemble: AssembleFn, tx: optax.GradientTransformation,
-                    grad_accum: int = 1) -> Callable:
+                    grad_accum: int = 1, max_update_ratio: float = 100.0) -> Callable:
     """Build ``train_step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
 
     ``grad_accum > 1`` splits the batch's leading axis into that many micro-batches and sums
     gradients with ``lax.scan`` (same result as one big batch, up to float order).
-    A step whose loss or gradients are not finite leaves the state unchanged and reports
-    ``metrics["finite"] = 0`` so the loop can stop with the step number.
+
+    Health check, every step, inside the step: the update is applied only if the loss, the
+    gradient norm, the update, the UPDATED parameters and optimizer state are all finite
+    and the update is not an explosion (``update_ratio > max_update_ratio``, see
+    :func:`update_ratio`; 0 turns that guard off). Otherwise the state keeps its previous values (step and rng advance)
+    and ``metrics["applied"] = 0`` (``finite``, ``update_ratio`` say why), so the loop can
+    stop with the step number and a non-finite or exploded state is never checkpointed.
     """
 
     def grads_of(trainable, frozen, batch, rng):
@@ -73,15 +91,19 @@ def make_train_step(loss_fn: LossFn, assemble: AssembleFn, tx: optax.GradientTra
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             loss = loss / grad_accum
             metrics = jax.tree.map(jnp.mean, ms)
-        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        ratio = update_ratio(updates, state.trainable)
+        grad_norm = optax.global_norm(grads)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(ratio)
+                  & _tree_all_finite(trainable) & _tree_all_finite(opt_state))
+        applied = finite & (ratio <= max_update_ratio) if max_update_ratio > 0 else finite
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
         new_state = TrainState(step=state.step + 1, trainable=keep(trainable, state.trainable),
                                opt_state=keep(opt_state, state.opt_state), rng=rng)
         metrics = dict(metrics)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                       finite=finite.astype(jnp.float32))
+        metrics.update(loss=loss, grad_norm=grad_norm, update_ratio=ratio,
+                       finite=finite.astype(jnp.float32), applied=applied.astype(jnp.float32))
         return new_state, metrics
 
     return train_step

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from peft_jax.errors import print_error
 from peft_jax.transfer.library import LibraryError, PromptLibrary, add_from_run
 from peft_jax.transfer.retrieval import evaluate_retrieval, read_gains_csv
 from peft_jax.transfer.similarity import SIMILARITIES, rank
@@ -212,7 +213,7 @@ def spot_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except (LibraryError, ValueError, FileNotFoundError) as e:
-        print(f"spot {args.cmd}: error: {e}", file=sys.stderr)
+        print_error(e, f"spot {args.cmd}: ")
         return 2
 
 

@@ -122,7 +122,7 @@ class PromptLibrary:
         """Store ``prompt`` [P, d] bit-exactly (its own dtype) under ``name``."""
         npy_path, json_path = self._paths(name)
         if os.path.exists(json_path) and not overwrite:
-            raise LibraryError(f"prompt {name!r} already exists in {self.root} (pass overwrite=True)")
+            raise LibraryError(f"prompt {name!r} already exists in {self.root} (--overwrite replaces it; overwrite=True in Python)")
         arr = np.asarray(prompt)
         if arr.ndim != 2 or arr.shape[0] == 0:
             raise LibraryError(f"prompt {name!r}: expected [length, d_model], got shape {arr.shape}")
@@ -211,7 +211,7 @@ def find_prompt_file(workdir: str) -> str:
                   if "prompt" in os.path.basename(p))
     if len(hits) != 1:
         raise LibraryError(f"{workdir}: expected exactly one exported prompt *prompt*.npy, found "
-                           f"{len(hits)}: {hits[:5]} (pass the file explicitly)")
+                           f"{len(hits)}: {hits[:5]} (name the file with --prompt)")
     return hits[0]
 
 

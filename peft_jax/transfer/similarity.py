@@ -92,7 +92,8 @@ def rank(target_prompt, library: Union[Mapping[str, np.ndarray], "PromptLibrary"
         src = _as_prompt(prompts[name], f"library prompt {name!r}")
         if src.shape[1] != target.shape[1]:
             raise ValueError(f"library prompt {name!r} has width d_model={src.shape[1]} but the target "
-                             f"has {target.shape[1]}; pass base_hash=... to keep one base model's prompts")
+                             f"has {target.shape[1]}; --base-hash (base_hash= in Python) keeps one base "
+                             "model's prompts")
         scored.append((name, sim(target, src)))
     scored.sort(key=lambda t: (-t[1], t[0]))
     return scored
