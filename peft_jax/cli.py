@@ -1,9 +1,9 @@
 """``peft-jax`` command line.
 
     peft-jax train    --config configs/main_sst2.py [--config.a.b=value ...]
-    peft-jax eval     --config ... [--checkpoint DIR]
-    peft-jax export   --config ... --format npy|hf-peft|merged --out DIR
-    peft-jax params   --config ...           (trainable / total parameter report)
+    peft-jax eval     --workdir RUN [--split S]   (the run's saved config.json; or --config ...)
+    peft-jax export   --workdir RUN --format npy|hf-peft|merged|delta --out DIR
+    peft-jax params   --workdir RUN | --config ...   (trainable / total parameter report)
     peft-jax methods                         (every PEFT method with its config keys)
     peft-jax zeroshot --config ... [--split S]   (the untrained base model, no training step)
     peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
@@ -48,14 +48,38 @@ from peft_jax.errors import exit_code, print_error
 from peft_jax.train.interrupts import EXIT_INTERRUPTED
 
 
-def _load_cfg(argv: Sequence[str]):
+def _load_cfg(argv: Sequence[str], run_workdir: bool = False):
+    """``(config, remaining args)`` from ``--config FILE.py[:arg]`` and ``--config.KEY=VALUE``
+    overrides. ``run_workdir`` (eval / export / params): with ``--workdir`` of a run that
+    saved its ``config.json``, that config is the base (``runner.workdir.run_config``) and
+    ``--config`` is optional."""
     spec, overrides, rest = split_config_args(argv)
-    if spec is None:
-        raise ConfigError("--config FILE.py[:arg] is required")
-    cfg = load_config_file(spec)
     from peft_jax.defaults import RENAMED
-    apply_overrides(cfg, overrides, RENAMED)
-    return cfg, rest
+    file_cfg = load_config_file(spec) if spec is not None else None
+    workdir = None
+    if run_workdir:
+        workdir = _option(rest, "--workdir") or (file_cfg.get("workdir") if file_cfg else None)
+    if workdir:
+        from peft_jax.runner.workdir import run_config
+        cfg = run_config(workdir, file_cfg, overrides, RENAMED)
+        if cfg is not None:
+            return cfg, rest
+    if file_cfg is None:
+        raise ConfigError("--config FILE.py[:arg] is required"
+                          + (" (or --workdir of a run, which holds its config.json)"
+                             if run_workdir else ""))
+    apply_overrides(file_cfg, overrides, RENAMED)
+    return file_cfg, rest
+
+
+def _option(args: Sequence[str], name: str) -> Optional[str]:
+    """The value of ``name VALUE`` or ``name=VALUE`` in ``args`` (None: absent)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -68,15 +92,15 @@ def cmd_train(argv: Sequence[str]) -> int:
             cfg.workdir = args.workdir
     import jax
 
-    from peft_jax import defaults
     from peft_jax.experiment import run_experiment
     from peft_jax.parallel import distributed
+    from peft_jax.runner.experiment import preflight
     from peft_jax.train.faults import fault_hook
     from peft_jax.train.interrupts import interrupted_message
     from peft_jax.train.workdir_lock import workdir_lock
 
-    defaults.validate(cfg)  # config errors before the workdir is touched
     distributed.initialize()
+    preflight(cfg)  # config errors before the workdir is touched or the model loads
     with workdir_lock(cfg.workdir, main_process=jax.process_index() == 0):
         result = run_experiment(cfg, on_step=fault_hook(cfg.workdir))
     if result.row.get("status") == "preempted":
@@ -86,7 +110,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    cfg, rest = _load_cfg(argv)
+    cfg, rest = _load_cfg(argv, run_workdir=True)
     p = argparse.ArgumentParser(prog="peft-jax eval")
     p.add_argument("--workdir", default=None)
     p.add_argument("--split", default=None)
@@ -101,7 +125,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 
 def cmd_export(argv: Sequence[str]) -> int:
-    cfg, rest = _load_cfg(argv)
+    cfg, rest = _load_cfg(argv, run_workdir=True)
     p = argparse.ArgumentParser(prog="peft-jax export")
     p.add_argument("--format", choices=["npy", "hf-peft", "merged", "delta"], required=True)
     p.add_argument("--out", required=True)
@@ -117,7 +141,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 
 
 def cmd_params(argv: Sequence[str]) -> int:
-    cfg, _ = _load_cfg(argv)
+    cfg, _ = _load_cfg(argv, run_workdir=True)
     from peft_jax.experiment import parameter_report
     print(parameter_report(cfg))
     return 0

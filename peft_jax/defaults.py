@@ -118,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.prefetch = 2               # device batches prepared ahead by a thread (0 = off)
     c.train.buckets = (32, 64, 128, 256)
     c.train.resume = True
+    c.train.overwrite = False          # with resume=False: move an old run in the workdir aside
+                                       # (into <workdir>/replaced-<time>/) instead of refusing
     c.train.init_from = ""             # a saved delta folder (intermediate-task fine-tuning):
                                        # leaves with the same path and shape start from it
     c.train.baseline = True            # also evaluate the untrained delta (before training)
@@ -163,8 +165,50 @@ def option_error_message(e: OptionError) -> str:
     return f"config.peft.{e.method}.{e.field}={e.value!r}: {e.problem}"
 
 
-def validate(cfg) -> None:
-    """Enumerations, ranges and combinations; raises ConfigError naming the key."""
+def _positive(cfg, *keys: str, allow_zero: bool = False) -> None:
+    """Each dotted ``key`` of ``cfg`` must be > 0 (>= 0 with ``allow_zero``)."""
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node < 0 or (node == 0 and not allow_zero):
+            raise ConfigError(f"config.{key}={node!r} must be "
+                              + ("zero or positive" if allow_zero else "positive"))
+
+
+def check_mesh(cfg, n_devices: int) -> dict:
+    """``config.mesh`` resolved on ``n_devices`` devices (``{axis: size}``): sizes >= 1 or one
+    -1 (the remaining devices); at most ``n_devices`` in all (a smaller mesh uses the first
+    devices, e.g. a one-device reference run); the global batch divisible by data x fsdp."""
+    sizes = {k: cfg.mesh[k] for k in cfg.mesh}
+    for k, v in sizes.items():
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise ConfigError(f"config.mesh.{k}={v!r}: a mesh size is a positive integer or -1 "
+                              "(the remaining devices)")
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"config.mesh: only one size may be -1 (got {', '.join(free)})")
+    fixed = 1
+    for v in sizes.values():
+        fixed *= v if v != -1 else 1
+    if free:
+        if n_devices % fixed:
+            raise ConfigError(f"config.mesh={dict(sizes)}: {n_devices} device(s) do not divide "
+                              f"into the fixed sizes (product {fixed})")
+        sizes[free[0]] = n_devices // fixed
+    elif fixed > n_devices:
+        raise ConfigError(f"config.mesh={dict(sizes)} needs {fixed} devices; there are "
+                          f"{n_devices}")
+    shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if cfg.train.batch_size % shards:
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"config.mesh.data x config.mesh.fsdp = {shards}")
+    return sizes
+
+
+def validate(cfg, n_devices: int = 0) -> None:
+    """Enumerations, ranges and combinations; raises ConfigError naming the key.
+    ``n_devices`` (> 0): also check ``config.mesh`` on that many devices (:func:`check_mesh`)."""
     for old, new in RENAMED.items():
         node = cfg
         for part in old.split("."):
@@ -205,7 +249,10 @@ def validate(cfg) -> None:
             try:
                 cls(**cls.kwargs_from_config(cfg.peft[name]))
             except OptionError as e:
-                if not (name == "prompt" and e.field in ("init", "length", "text")):
+                # prompt inits resolve token ids from the tokenizer later (a positive length
+                # may then still be too short for class_labels: checked with the task)
+                if not (name == "prompt" and e.field in ("init", "length", "text")
+                        and cfg.peft.prompt.length >= 1):
                     raise ConfigError(option_error_message(e)) from None
     if len(set(names)) != len(names):
         raise ConfigError(f"config.peft.methods={cfg.peft.methods!r} names a method twice")
@@ -221,6 +268,19 @@ def validate(cfg) -> None:
                           "(training always checkpoints, to resume after an interruption)")
     if cfg.train.steps <= 0:
         raise ConfigError(f"config.train.steps={cfg.train.steps} must be positive")
+    _positive(cfg, "optim.lr", "task.max_length", "train.log_every", "train.eval_batch_size")
+    _positive(cfg, "optim.head_lr", "optim.prompt_lr", "optim.weight_decay", "optim.warmup_steps",
+              "optim.clip_norm", "train.eval_every", "train.ckpt_every", "train.ckpt_every_s",
+              "train.max_update_ratio", "train.prefetch", allow_zero=True)
+    if cfg.task.format == "verbalizer":
+        for key, template in (("task.template", cfg.task.template),
+                              ("task.file.template", cfg.task.file.template)):
+            if template and template.count("{mask}") != 1:
+                raise ConfigError(f"config.{key}={template!r}: the verbalizer format needs "
+                                  "exactly one {mask} (the answer slot), e.g. "
+                                  "\"{sentence} It was {mask}.\"")
+    if n_devices > 0:
+        check_mesh(cfg, n_devices)
     if cfg.task.name == "file" and not (cfg.task.file.train or cfg.task.file.dev or cfg.task.file.test):
         raise ConfigError("config.task.name='file' needs config.task.file.train/dev/test paths")
 

@@ -514,7 +514,7 @@ def test_nan_prompt_file_is_named_as_the_cause(tmp_path):
                                               r"value\(s\) \(first at row 2, column 5: nan\)"):
         from_file(str(tmp_path / "p.npy"), 4, d=8)
     np.save(tmp_path / "q.npy", np.ones((3, 8), np.float32))
-    with pytest.raises(CheckpointError, match=r"set config.peft.prompt.resize to 'truncate' or 'tile'"):
+    with pytest.raises(CheckpointError, match=r"length 3 but the target prompt has length 4; resize it: truncate .* config.peft.prompt.resize"):
         from_file(str(tmp_path / "q.npy"), 4, d=8)
 
 

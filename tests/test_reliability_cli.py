@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -275,3 +276,66 @@ print("RESULT", json.dumps({{"status": r["status"], "steps": r["steps"],
     second = launch(False, port + 1)
     assert all(r["status"] == "finished" and r["steps"] == 8 and r["resumed_from"] == 3
                for r in second), second
+
+
+# ----------------------------------------------------------------------------- config errors (item 6)
+
+CONFIG_CASES = [
+    ({"optim.lr": 0.0}, "config.optim.lr=0.0 must be positive"),
+    ({"optim.lr": -1e-3}, "config.optim.lr=-0.001 must be positive"),
+    ({"train.grad_accum": 0}, "config.train.grad_accum=0 must be positive"),
+    ({"train.batch_size": 0}, "config.train.batch_size=0 must be positive"),
+    ({"mesh.data": 0}, "config.mesh.data=0: a mesh size is a positive integer or -1"),
+    ({"mesh.data": 16}, "needs 16 devices; there are 8"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh: only one size may be -1"),
+    ({"mesh.data": 3}, "config.train.batch_size=8 is not divisible by config.mesh.data x "
+                       "config.mesh.fsdp = 3"),
+    ({"task.max_length": 0}, "config.task.max_length=0 must be positive"),
+    ({"task.format": "verbalizer", "peft.methods": "lora", "task.template": "{sentence} It was."},
+     "config.task.template='{sentence} It was.': the verbalizer format needs exactly one {mask}"),
+    ({"task.format": "verbalizer", "peft.methods": "lora", "task.label_words": "good,bad,ugly"},
+     "config.task.label_words='good,bad,ugly' gives 3 label word(s); task 'file' has 2 classes"),
+    ({"peft.methods": "prompt", "peft.prompt.length": 0}, "config.peft.prompt.length=0"),
+    ({"peft.methods": "prompt,head", "peft.prompt.init": "class_labels", "peft.prompt.length": 1,
+      "task.label_words": "good,bad"},
+     "config.peft.prompt.length=1: init='class_labels' puts one vector per class"),
+    ({"peft.lora.rank": 0}, "config.peft.lora.rank=0"),
+    ({"peft.lora.dropout": 1.5}, "config.peft.lora.dropout=1.5"),
+]
+
+
+@pytest.mark.parametrize("over,message", CONFIG_CASES, ids=[",".join(c[0]) for c in CONFIG_CASES])
+def test_config_errors_before_the_model_loads(tiny, tmp_path, monkeypatch, over, message):
+    """Each bad value: a ConfigError naming the key as typed, raised before the model is
+    loaded (loading it here fails the test) and before the workdir is created."""
+    from peft_jax.config import ConfigError
+    from peft_jax.runner import experiment as E
+    from peft_jax.runner.run import run_experiment
+    from _train_fixtures import tiny_config
+
+    model, task, root = tiny
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the config error")
+
+    monkeypatch.setattr(E, "load_pretrained", no_model)
+    cfg = tiny_config(model, task, str(tmp_path / "wd"), "lora", **over)
+    with pytest.raises(ConfigError) as e:
+        E.preflight(cfg)
+    assert message in str(e.value)
+    # run_experiment: the same error, and nothing written yet
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        with monkeypatch.context() as m:
+            m.setattr(E, "load_pretrained", no_model)
+            run_experiment(tiny_config(model, task, str(tmp_path / "wd2"), "lora", **over))
+    assert not os.path.exists(tmp_path / "wd") and not os.path.exists(tmp_path / "wd2")
+
+
+def test_config_error_through_the_cli_is_one_line_exit_2_before_loading(tiny, tmp_path):
+    model, task, root = tiny
+    wd = tmp_path / "wd"
+    cfg = config_file(str(tmp_path / "cfg.py"), model, task, str(wd), "lora")
+    p = _cli(["train", "--config", cfg, "--config.optim.lr=0"])
+    assert p.returncode == 2
+    assert _error_line(p) == "error: config.optim.lr=0.0 must be positive"
+    assert "[peft_jax]" not in p.stdout and not wd.exists()

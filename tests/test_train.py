@@ -4,6 +4,8 @@ resume == uninterrupted (kill -9, SIGTERM), interrupted saves, base untouched, c
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +306,95 @@ def test_cli_eval_export_params(tiny, uninterrupted):
     assert "head" in delta["peft"] and delta["peft"]["encoder"]["layer_0"]["attention"]["query"]["lora_b"].any()
     p = _cli(["params", "--config", cfg])
     assert "lora" in p.stdout.lower() and "head" in p.stdout and "%" in p.stdout
+
+
+def test_rerun_of_a_finished_run_keeps_its_results(tiny, uninterrupted):
+    """Issue 13, item 1. Rerunning a finished run: "already finished at step 6", the stored
+    table, result.json and metrics.jsonl untouched. Killed after the final checkpoint but
+    before result.json (reproduced exactly: that run's files without result.json and delta/,
+    the only things written after the final checkpoint): the rerun writes result.json with
+    the same metrics and the same delta bit for bit, and adds no metrics.jsonl row."""
+    model, task, root = tiny
+    wd = root / "rerun_finished"
+    shutil.copytree(root / "cli_full", wd)
+    before = {n: (wd / n).read_bytes() for n in ("result.json", "metrics.jsonl")}
+    stored = json.loads(before["result.json"])
+    cmd = ["train", "--config", str(root / "cfg_full.py"), "--workdir", str(wd)]
+    p = _cli(cmd)
+    assert "already finished at step 6" in p.stdout
+    from peft_jax.runner.results import results_table
+    assert results_table(stored) in p.stdout
+    for n, b in before.items():
+        assert (wd / n).read_bytes() == b, n
+    os.remove(wd / "result.json")
+    shutil.rmtree(wd / "delta")
+    p = _cli(cmd)
+    assert "resumed from step 6" in p.stdout
+    res = json.load(open(wd / "result.json"))
+    assert res["status"] == "finished" and res["steps"] == 6 and res["resumed_from"] == 6
+    assert res["metrics"] and res["metrics"] == pytest.approx(stored["metrics"], abs=1e-6)
+    got = _delta(str(wd))
+    assert sorted(got) == sorted(uninterrupted)
+    assert all(np.array_equal(got[k], uninterrupted[k]) for k in got)
+    assert (wd / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+
+
+def test_resume_false_on_a_run_is_refused_unless_overwrite_moves_it_aside(tiny, uninterrupted):
+    """Issue 13, item 1: train.resume=false on a workdir holding a run is refused naming the
+    workdir (before the model loads); with train.overwrite=true the old run's files move to
+    <workdir>/replaced-<time>/ intact, and the new run trains from step 0."""
+    model, task, root = tiny
+    wd = root / "resume_false"
+    shutil.copytree(root / "cli_full", wd)
+    old = (wd / "result.json").read_bytes()
+    cmd = ["train", "--config", str(root / "cfg_full.py"), "--workdir", str(wd),
+           "--config.train.resume=False"]
+    p = _cli(cmd, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and re.fullmatch(
+        re.escape(f"error: config.train.resume=False but {wd} holds a run (checkpoints, delta, "
+                  "result.json, metrics.jsonl") + "(, tb)?" + re.escape(
+            "); rerun with config.train.resume=True to continue it, use another --workdir, or "
+            f"set config.train.overwrite=True to move the old run aside (into {wd}/replaced-<time>/)"),
+        line[0]), p.stderr[-2000:]
+    assert "[peft_jax]" not in p.stdout and (wd / "result.json").read_bytes() == old
+    p = _cli(cmd + ["--config.train.overwrite=True"])
+    moved = [d for d in os.listdir(wd) if d.startswith("replaced-")]
+    assert len(moved) == 1 and f"moved the previous run in {wd} to {wd / moved[0]}" in p.stdout
+    assert (wd / moved[0] / "result.json").read_bytes() == old
+    assert sorted(os.listdir(wd / moved[0] / "checkpoints")) == sorted(os.listdir(root / "cli_full" / "checkpoints"))
+    res = json.load(open(wd / "result.json"))
+    assert res["status"] == "finished" and res["resumed_from"] is None and "resumed from" not in p.stdout
+    got = _delta(str(wd))
+    assert all(np.array_equal(got[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_eval_export_params_read_the_runs_saved_config(tiny, uninterrupted):
+    """Issue 13, item 9: the resolved config is saved as <workdir>/config.json; eval, export
+    and params given only --workdir use it; an override contradicting the run is named."""
+    from peft_jax.runner.workdir import load_config
+
+    model, task, root = tiny
+    wd = root / "cli_full"
+    saved = load_config(str(wd))
+    assert saved.train.steps == 6 and saved.model.name == model and saved.peft.methods == "lora"
+    res = json.load(open(wd / "result.json"))
+    p = _cli(["eval", "--workdir", str(wd)])
+    acc = float(p.stdout.strip().split("accuracy=")[1].split()[0])
+    assert acc == pytest.approx(res["metrics"]["accuracy"], abs=1e-6)
+    p = _cli(["eval", "--workdir", str(wd), "--config.peft.methods=prompt"], check=False)
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: --config.peft.methods='prompt' contradicts the run in {wd}, trained with "
+        f"peft.methods='lora' ({wd}/config.json); drop the override"]
+    _cli(["export", "--workdir", str(wd), "--format", "delta", "--out", str(root / "exp_wd")])
+    from peft_jax.peft.delta_io import load_delta
+    delta, _ = load_delta(str(root / "exp_wd"))
+    assert np.array_equal(delta["peft"]["encoder"]["layer_0"]["attention"]["query"]["lora_b"],
+                          uninterrupted["peft/encoder/layer_0/attention/query/lora_b"])
+    p = _cli(["params", "--workdir", str(wd)])
+    assert "lora" in p.stdout.lower() and "head" in p.stdout
 
 
 def test_prompt_initializers_wired_from_config(tiny):

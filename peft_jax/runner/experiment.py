@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 from peft_jax import data as D
@@ -57,6 +58,32 @@ def load_task(cfg) -> Any:
     if cfg.task.name == "file":
         return D.task_from_config(defaults.file_task_config(cfg))
     return D.get_task(cfg.task.name)
+
+
+def check_task(cfg, task) -> None:
+    """What the config must agree on with the task, before the model loads (ConfigError
+    naming the key): one label word (``a|b`` alternatives) per class, and a class-label
+    prompt init with a vector per class."""
+    words = label_words(cfg, task)
+    keys = task.verbalizer_keys()
+    if words is not None and len(words) != len(keys):
+        raise ConfigError(f"config.task.label_words={cfg.task.label_words!r} gives {len(words)} "
+                          f"label word(s); task {task.name!r} has {len(keys)} classes "
+                          f"{list(keys)} (one word per class, in this order; 'a|b' for several)")
+    if ("prompt" in defaults.method_list(cfg) and cfg.peft.prompt.init == "class_labels"
+            and len(keys) > cfg.peft.prompt.length):
+        raise ConfigError(f"config.peft.prompt.length={cfg.peft.prompt.length}: "
+                          f"init='class_labels' puts one vector per class and task {task.name!r} "
+                          f"has {len(keys)} classes")
+
+
+def preflight(cfg) -> Any:
+    """Every config check that needs no model (:func:`defaults.validate` with the mesh on
+    this process's devices, :func:`check_task`); returns the task."""
+    defaults.validate(cfg, jax.device_count())
+    task = load_task(cfg)
+    check_task(cfg, task)
+    return task
 
 
 def label_words(cfg, task) -> Any:
@@ -126,8 +153,7 @@ def build_experiment(cfg, pretrained: Any = None, bare: bool = False) -> Experim
 
     ``bare``: no PEFT method, the plain base model (zero-shot); only the task head the
     format needs is kept."""
-    defaults.validate(cfg)
-    task = load_task(cfg)
+    task = preflight(cfg)
     pre = with_model_options(pretrained or load_pretrained(cfg.model.name), cfg)
     methods = build_methods(cfg, pre, task)
     if bare:

@@ -48,3 +48,14 @@ def results_table(result: dict) -> str:
     rows.append(f"steps: {result['steps']}  train time: {result['train_wall_s']:.1f}s  "
                 f"total time: {result['wall_s']:.1f}s  compilations: {result['compilations']}")
     return "\n".join(rows)
+
+
+def read_result(workdir: str) -> dict:
+    """The ``result.json`` row of the run in ``workdir`` ({} when absent or unreadable: a
+    torn write never happens -- :func:`write_json` -- but a user may have edited it)."""
+    try:
+        with open(os.path.join(workdir, "result.json")) as f:
+            row = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return row if isinstance(row, dict) else {}

@@ -26,13 +26,16 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from peft_jax.parallel import distributed
 from peft_jax.parallel.prefetch import DevicePrefetcher
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import save_delta
 from peft_jax.peft.partition import tree_size
 from peft_jax.runner.data import encode_split, load_examples
-from peft_jax.runner.results import flat_config, results_table, write_json
+from peft_jax.runner.experiment import preflight
+from peft_jax.runner.results import flat_config, read_result, results_table, write_json
 from peft_jax.runner.session import Session, setup
+from peft_jax.runner.workdir import prepare_workdir
 from peft_jax.train.checkpoint import DeltaCheckpointer
 from peft_jax.train.forward import make_loss_fn
 from peft_jax.train.loop import LoopConfig, run_loop
@@ -56,10 +59,13 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
                    ) -> RunResult:
     """Train (or resume) the run described by ``cfg``; returns its result (and writes it)."""
     t_start = time.perf_counter()
+    distributed.initialize()
+    main = jax.process_index() == 0
+    if main:   # refuse / move aside an old run, save the resolved config (before the model loads)
+        preflight(cfg)
+        prepare_workdir(cfg)
     s = setup(cfg, pretrained)
     exp, c = s.exp, cfg.train
-    os.makedirs(cfg.workdir, exist_ok=True)
-    main = jax.process_index() == 0
     state, frozen, batches, shard, meta = s.state, s.frozen, s.batches, s.shard, s.meta_base
     train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables,
                                                 s.tx, c.grad_accum, c.max_update_ratio),
@@ -73,6 +79,19 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         state, restored = ckpt.restore(s.abstract_state(), meta)
         batches.set_state(restored["data"])
         resumed_from = int(restored["step"])
+    stored = read_result(cfg.workdir) if resumed_from is not None else {}
+    if (resumed_from is not None and resumed_from >= c.steps and stored.get("status") == "finished"
+            and stored.get("steps") == resumed_from and stored.get("metrics")):
+        # a rerun of a finished run: its results stand (nothing is rewritten)
+        for c_ in (ckpt, best):
+            if c_ is not None:
+                c_.close()
+        selected, _ = select(cfg, s, state.trainable)
+        if main:
+            print(f"[peft_jax] already finished at step {resumed_from}; its results "
+                  f"({os.path.join(cfg.workdir, 'result.json')}):\n{results_table(stored)}",
+                  flush=True)
+        return RunResult(row=stored, state=state, frozen=frozen, selected=selected, session=s)
 
     feed, loop_shard = batches, shard
     if c.prefetch > 0:   # host collation + transfer of step t+1 overlap step t
@@ -82,7 +101,9 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         # the position after the batches consumed (not after those prefetched)
         return {**meta, "step": int(step), "data": feed.get_state()}
 
-    baseline = s.evaluate(state.trainable) if c.baseline and resumed_from is None else {}
+    baseline = {}
+    if c.baseline:   # the untrained delta's metrics (kept from the interrupted run's row)
+        baseline = stored.get("baseline") or s.evaluate(s.state.trainable)
     writer = MetricWriter(cfg.workdir, resume_step=resumed_from or 0) if main else None
     n_params = tree_size(state.trainable)
     if main:
@@ -109,25 +130,24 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         if writer:
             writer.close()
 
+    metrics = loop.last_eval
+    if loop.status == "finished" and not metrics:
+        # resumed at the last step (killed after the final checkpoint, before result.json):
+        # the final evaluation of the same state
+        metrics = s.evaluate(loop.state.trainable)
     row = {
         "name": cfg.name, "status": loop.status, "config": flat_config(cfg),
-        "metrics": loop.last_eval, "baseline": baseline,
+        "metrics": metrics, "baseline": baseline,
         "trainable_params": int(n_params), "base_params": int(tree_size(exp.pre.base)),
         "steps": int(jax.device_get(loop.state.step)), "wall_s": time.perf_counter() - t_start,
         "train_wall_s": loop.wall_s, "compilations": loop.compilations,
         "resumed_from": resumed_from,
     }
     selected = loop.state.trainable
-    if loop.status == "finished" and best is not None:
-        # model selection (e.g. LM-BFF: the dev-set best step) for the test evaluation
-        sel = DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)
-        try:
-            step = sel.best_step()
-            if step is not None:
-                selected = sel.restore(s.abstract_state(), meta, step=step)[0].trainable
-                row["selected_step"] = int(step)
-        finally:
-            sel.close()
+    if loop.status == "finished":
+        selected, step = select(cfg, s, selected)
+        if step is not None:
+            row["selected_step"] = step
     if loop.status == "finished" and cfg.task.test_split:
         test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split,
                                                    cfg.task.max_test_examples, cfg.seed))
@@ -143,6 +163,23 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         if loop.status == "finished":
             print(results_table(row), flush=True)
     return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
+
+
+def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
+    """The trainable tree a finished run is tested and saved with, and its step: the
+    ``train.best_metric`` checkpoint's (model selection, e.g. LM-BFF's dev-set best step)
+    if one is kept, else ``last`` (None)."""
+    if not cfg.train.best_metric:
+        return last, None
+    sel = DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1,
+                            best_metric=cfg.train.best_metric)
+    try:
+        step = sel.best_step()
+        if step is None:
+            return last, None
+        return sel.restore(s.abstract_state(), s.meta_base, step=step)[0].trainable, int(step)
+    finally:
+        sel.close()
 
 
 def delta_tree(trainable: Any, frozen: Any) -> dict:
