@@ -9,6 +9,7 @@ BERT and Llama, prefix tuning on Llama).
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -291,6 +292,17 @@ def test_import_errors(fam_bert, tmp_path):
     json.dump(dict(cfg, r=3), open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"lora_A.weight' is float32\[2, 32\].* expects "
                                               r"float32\[3, 32\]"):
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+    # a tensor that is no LoRA tensor, under a module the model has: refused by its header
+    # entry (named, with its size) before any tensor is read
+    from safetensors.numpy import load_file, save_file
+    json.dump(cfg, open(cfg_path, "w"))
+    wpath = os.path.join(folder, "adapter_model.safetensors")
+    tensors = load_file(wpath)
+    extra = "base_model.model.encoder.layer.0.attention.self.query.extra"
+    save_file(dict(tensors, **{extra: np.ones((3, 5), np.float32)}), wpath)
+    with pytest.raises(CheckpointError, match=re.escape(f"unexpected tensor(s) '{extra}' "
+                                                        "float32[3, 5] (60 B) that a LORA adapter")):
         H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
     open(os.path.join(folder, "adapter_model.bin"), "wb").write(b"\x80\x04")

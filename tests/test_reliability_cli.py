@@ -339,3 +339,19 @@ def test_config_error_through_the_cli_is_one_line_exit_2_before_loading(tiny, tm
     assert p.returncode == 2
     assert _error_line(p) == "error: config.optim.lr=0.0 must be positive"
     assert "[peft_jax]" not in p.stdout and not wd.exists()
+
+
+def test_verbalizer_without_an_lm_head_is_one_config_error(tiny, tmp_path):
+    """The tiny BERT has no MLM head: the verbalizer format is refused naming the keys
+    (after the weights load -- the head's presence is read from the checkpoint's tensor
+    names -- but before anything is built or compiled)."""
+    from peft_jax.config import ConfigError
+    from peft_jax.runner.experiment import build_experiment
+    from _train_fixtures import tiny_config
+
+    model, task, root = tiny
+    cfg = tiny_config(model, task, str(tmp_path / "wd"), "lora", **{"task.format": "verbalizer"})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config.task.format='verbalizer' scores label words with the model's LM head, and "
+            f"config.model.name={model!r} has none")):
+        build_experiment(cfg)

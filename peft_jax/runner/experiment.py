@@ -138,8 +138,13 @@ def build_methods(cfg, pre: Any, task: Any) -> tuple:
     ctx = defaults.method_context(cfg, tokenizer=tok, task=task, train_texts=train_texts,
                                   label_words=per_class, num_labels=task.num_labels,
                                   d_model=pre.d_model)
-    methods = defaults.build_methods(cfg, ctx)
     info = model_info(pre)
+    if cfg.task.format == "verbalizer" and not info.has_lm_head:
+        raise ConfigError(f"config.task.format='verbalizer' scores label words with the model's "
+                          f"LM head, and config.model.name={cfg.model.name!r} has none (a "
+                          "*ForMaskedLM / *ForCausalLM checkpoint has one); use "
+                          "config.task.format='classification' for a task head")
+    methods = defaults.build_methods(cfg, ctx)
     for m in methods:
         try:
             m.check_model(info)
