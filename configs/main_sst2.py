@@ -38,5 +38,6 @@ def get_config(arg=None):
     c.train.log_every = 4
     c.train.eval_batch_size = 32
     c.train.buckets = (32, 64)
-    c.train.resume = False
+    c.train.resume = False     # the main job trains from scratch each time: a previous run in
+    c.train.overwrite = True   # its workdir moves to <workdir>/replaced-<time>/ (never deleted)
     return c

@@ -140,6 +140,8 @@ def method_config(method: str, task: str, seed: int, model: str, budget: Budget,
     c.train.log_every = max(1, b.steps // 4)
     c.train.eval_batch_size = 32
     c.train.resume = False
+    c.train.overwrite = True   # a seed is redone from scratch (--rerun, or after an interruption);
+                               # its old files move to <workdir>/replaced-<time>/
     c.train.progress = False
     c.train.baseline = False
     c.train.keep = 1
