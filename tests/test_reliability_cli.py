@@ -254,7 +254,7 @@ from peft_jax.experiment import run_experiment
 cfg = tiny_config({model!r}, {task!r}, out, "lora", **{{"mesh.data": 8, "train.steps": 8,
                                                         "train.log_every": 3}})
 hook = (lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 2 else None) if fault and pid == 1 else None
-r = run_experiment(cfg, on_step=hook)
+r = run_experiment(cfg, on_step=hook).row
 print("RESULT", json.dumps({{"status": r["status"], "steps": r["steps"],
                             "resumed_from": r["resumed_from"]}}), flush=True)
 """)

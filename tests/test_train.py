@@ -211,7 +211,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tiny):
         _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4}))
     assert sorted(os.listdir(os.path.join(wd, "checkpoints.damaged", "2", "state")))
     res = _run(tiny_config(model, task, wd, "lora", **{"train.steps": 4}))
-    assert res["resumed_from"] is None and res["steps"] == 4
+    assert res.row["resumed_from"] is None and res.row["steps"] == 4
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny):
@@ -229,8 +229,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny):
         _run(tiny_config(model, task, wd, "lora", **{"train.steps": 6, "optim.lr": 1e30, **sgd}))
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
     res = _run(tiny_config(model, task, wd, "lora", **{"train.steps": 3, **sgd}))
-    assert res["resumed_from"] == 2
-    assert max(float(np.max(np.abs(x))) for x in _leaves(res["state"].trainable)) < 10
+    assert res.row["resumed_from"] == 2
+    assert max(float(np.max(np.abs(x))) for x in _leaves(res.state.trainable)) < 10
 
 
 def test_config_typo_fails_before_compiling(tiny):
