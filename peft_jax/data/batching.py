@@ -9,8 +9,9 @@ program per bucket) and together they see each example of an epoch exactly once.
 
 The iterator is grain's (``MapDataset.range(...).repeat().map_with_index(...)``): its state is
 the index of the next batch, so ``set_state(get_state())`` continues exactly, in a fresh
-process too. The state also carries a fingerprint of the plan; restoring it onto another
-dataset, seed, batch size or sharding fails with DataError.
+process too, on every host (the checkpoint holds process 0's). The state also carries a
+fingerprint of the plan; restoring it onto another dataset, seed, batch size or shard
+count fails with DataError.
 
 A batch: token features [batch_size, bucket_len] (input_ids, attention_mask, token_type_ids),
 targets [batch_size, target_len], scalars [batch_size, ...] (label, mask_pos, ...),
@@ -102,7 +103,9 @@ class BatchIterator:
         self.constants = encoded.constants
         h = hashlib.sha1()
         h.update(np.asarray(encoded.lengths()).tobytes())
-        h.update(repr((batch_size, shard_index, shard_count, seed, shuffle, drop_remainder, self.buckets,
+        # not the shard index: the state (the next global batch) is the same on every host, and
+        # the checkpoint holds process 0's
+        h.update(repr((batch_size, shard_count, seed, shuffle, drop_remainder, self.buckets,
                        self.target_len)).encode())
         self.fingerprint = h.hexdigest()[:16]
         ds = grain.MapDataset.range(self.batches_per_epoch).repeat(num_epochs)
