@@ -220,8 +220,13 @@ def aggregate(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str], metric
 
 def history(row: Mapping[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of ``key`` (e.g. ``"eval/accuracy"``, ``"train/loss"``) from the
-    run's ``metrics.jsonl`` (a resumed run's repeated steps: the last value wins); for
-    ``eval/<m>`` the untrained eval (``baseline``) is step 0."""
+    row's ``history`` (rows written by :func:`export_rows`) or the run's ``metrics.jsonl``
+    (a resumed run's repeated steps: the last value wins); for ``eval/<m>`` the untrained
+    eval (``baseline``) is step 0."""
+    if key in (row.get("history") or {}):
+        pts = row["history"][key]
+        return (np.array([int(s) for s, _ in pts], np.int64),
+                np.array([float(v) for _, v in pts], np.float64))
     path = os.path.join(row.get("_dir") or "", "metrics.jsonl")
     points: dict[int, float] = {}
     if key.startswith("eval/"):
@@ -560,6 +565,58 @@ def write_result(workdir: str, row: Mapping[str, Any]) -> str:
         json.dump(dict(row), f, indent=2, sort_keys=True, default=repr)
     os.replace(tmp, path)
     return path
+
+
+ROW_FIELDS = ("name", "status", "error", "metrics", "baseline", "test", "steps", "wall_s",
+              "train_wall_s", "trainable_params")
+
+
+def export_rows(rows: Sequence[Mapping[str, Any]], path: str, keys: Optional[Sequence[str]] = None,
+                curves: Sequence[str] = ("train/loss", "eval/accuracy")) -> str:
+    """Write rows as a small JSONL file (one row a line, sorted by name) for committing
+    next to a README table: the row fields of :data:`ROW_FIELDS`, ``config`` (only
+    ``keys`` when given) and ``history`` ({curve key: [[step, value], ...]} from the run's
+    ``metrics.jsonl``), so tables, plots and convergence checks (:func:`late_move`) can be
+    redone from the file alone (:func:`load_rows`)."""
+    lines = []
+    for r in sorted(rows, key=lambda r: str(r.get("name"))):
+        out = {k: r[k] for k in ROW_FIELDS if k in r and r[k] not in (None, {}, "")}
+        cfg = r.get("config") or {}
+        out["config"] = {k: cfg[k] for k in (keys if keys is not None else sorted(cfg)) if k in cfg}
+        hist = {}
+        for key in curves:
+            steps, vals = history(r, key)
+            if steps.size:
+                hist[key] = [[int(a), round(float(b), 6)] for a, b in zip(steps, vals)]
+        if hist:
+            out["history"] = hist
+        lines.append(json.dumps(out, sort_keys=True))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+    os.replace(tmp, path)
+    return path
+
+
+def load_rows(path: str) -> list[dict]:
+    """Rows of a file written by :func:`export_rows` (a missing file is an error)."""
+    if not os.path.isfile(path):
+        raise ReportError(f"result file {path!r} does not exist (it is written by the benchmark "
+                          "script that produces these results; see its docstring)")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{path}:{i}: invalid JSON ({e})") from None
+            if not isinstance(row, dict) or "config" not in row:
+                raise ReportError(f"{path}:{i}: not a result row (no 'config')")
+            rows.append(row)
+    return rows
 
 
 def _split(items: Sequence[str]) -> list[str]:
