@@ -17,6 +17,7 @@ from peft_jax import defaults
 from peft_jax.config import ConfigError
 from peft_jax.models.registry import save_pretrained
 from peft_jax.peft import delta_io, tree
+from peft_jax.peft.heads import Head
 from peft_jax.peft.hf_peft import export_method, module_paths
 from peft_jax.peft.merge import merge
 from peft_jax.peft.method import HfNames, NotSupported
@@ -44,6 +45,29 @@ def hf_names(s: Session) -> HfNames:
                    task_type=HF_TASK_TYPES[s.exp.kind], base_model_name_or_path=s.exp.base_id)
 
 
+def check_hf_peft_carries(acting: list, trained_base: Any) -> None:
+    """Refuse (``ConfigError``, naming it) what an HF PEFT adapter cannot carry: trained
+    base weights (BitFit, full fine-tuning), a peft_jax task head (HF PEFT's
+    ``modules_to_save`` holds copies of the HF class's own modules, e.g.
+    ``BertForSequenceClassification.classifier`` on the [CLS] pooler; the head here pools
+    and projects differently, so it would load as a different classifier) or more than one
+    method."""
+    names = [m.name for m in acting]
+    base = tree.natural_sorted(tree.flatten(trained_base))
+    if base:
+        raise ConfigError(f"hf-peft export cannot carry trained base weights ({len(base)} tensors, "
+                          f"e.g. {base[:3]}): use --format merged or --format delta")
+    heads = [m.name for m in acting if isinstance(m, Head)]
+    if heads:
+        raise ConfigError(f"hf-peft export cannot carry the task head {heads} of this run's delta "
+                          f"{names}: HF PEFT's modules_to_save holds copies of the HF model's own "
+                          "head modules, which peft_jax's head is not; use --format delta, or "
+                          "task.format='verbalizer' / 'text_to_text' (no head)")
+    if len(acting) != 1:
+        raise ConfigError(f"hf-peft export holds one method; this run's delta has {names} "
+                          "(use --format delta)")
+
+
 def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
     """Write the trained delta of the run in ``cfg.workdir`` as ``fmt`` to ``out``."""
     if fmt not in FORMATS:
@@ -59,9 +83,7 @@ def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
                             methods=exp.methods, overwrite=True)
     elif fmt == "hf-peft":
         acting = [m for m in exp.methods if any(m.owns(p) for p in tree.flatten(delta))]
-        if len(acting) != 1:
-            raise ConfigError(f"hf-peft export holds one method; this run's delta has "
-                              f"{[m.name for m in acting]} (use --format delta)")
+        check_hf_peft_carries(acting, full.get("params") or {})
         try:
             export_method(out, delta, acting[0], hf_names(s))
         except NotSupported as e:
