@@ -140,6 +140,12 @@ def write_tiny_llama(folder: str, tokenizer, seed: int = 0) -> str:
     return folder
 
 
+def tiny_llama_folder(root: str, n_sentences: int = 200) -> str:
+    """A tiny random Llama under ``root/llama`` with a BPE tokenizer trained on the first
+    ``n_sentences`` SST-2 sentences (needs ../shared/data)."""
+    return write_tiny_llama(os.path.join(root, "llama"), train_bpe_llama_tokenizer(sst2_sentences(n_sentences)))
+
+
 def write_spiece_model(path: str, tokenizer) -> str:
     """The Unigram vocabulary of a ``T5Tokenizer`` as a SentencePiece ``.model`` file (what
     T5 checkpoints ship), written with the protobuf schema bundled in transformers."""

@@ -47,9 +47,7 @@ EXPORTED = {"prompt": ("PROMPT_TUNING", {"num_virtual_tokens": 3}),
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, shared_data):
-    root = str(tmp_path_factory.mktemp("export_llama"))
-    tok = F.train_bpe_llama_tokenizer(F.sst2_sentences(200))
-    return F.write_tiny_llama(os.path.join(root, "llama"), tok)
+    return F.tiny_llama_folder(str(tmp_path_factory.mktemp("export_llama")))
 
 
 def _args(model, method, *extra):

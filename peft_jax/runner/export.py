@@ -9,9 +9,11 @@ Formats (``peft-jax export --format``): ``npy`` (prompts by dotted path), ``hf-p
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from peft_jax import defaults
 from peft_jax.config import ConfigError
@@ -25,6 +27,7 @@ from peft_jax.peft.partition import assemble
 from peft_jax.peft.report import param_report
 from peft_jax.runner.run import delta_tree
 from peft_jax.runner.session import Session, restore_trained, setup
+from peft_jax.transfer.library import LibraryError, PromptLibrary, run_metadata
 
 FORMATS = ("npy", "hf-peft", "merged", "delta")
 # HF PEFT task_type of an adapter for each model kind (PeftModel applies prompts by it)
@@ -68,6 +71,31 @@ def check_hf_peft_carries(acting: list, trained_base: Any) -> None:
                           "(use --format delta)")
 
 
+def prompt_metadata(cfg, exp) -> dict:
+    """Library metadata of the run's prompts (:func:`~peft_jax.transfer.library.run_metadata`
+    of the finished run; the config's values and no metric for an unfinished one), with
+    the base model's id and hash."""
+    try:
+        meta = run_metadata(cfg.workdir, cfg.train.best_metric or "accuracy")
+    except LibraryError:
+        meta = dict(task=cfg.task.name, init=cfg.peft.prompt.init, seed=cfg.seed)
+    return {**meta, "base_id": exp.base_id, "base_hash": exp.base_hash}
+
+
+def export_prompts(cfg, exp, delta: Any, out: str) -> list[str]:
+    """Each soft prompt of ``delta`` as ``<out>/<dotted.path>.npy`` [P, d] with its metadata
+    sidecar ``<dotted.path>.json`` (task, base id and hash, length, init, seed, steps, dev
+    metric): ``out`` is a SPoT prompt library (``peft-jax spot list OUT``)."""
+    prompts = delta_io.prompt_leaves(delta)
+    if not prompts:
+        raise ConfigError(f"npy export: the run's delta has no soft prompt (leaves: "
+                          f"{sorted(tree.flatten(delta))[:5]}); config.peft.methods has no 'prompt'")
+    lib, meta = PromptLibrary(out, create=True), prompt_metadata(cfg, exp)
+    for name, arr in prompts.items():
+        lib.add(name, np.asarray(arr), source=os.path.abspath(cfg.workdir), overwrite=True, **meta)
+    return [os.path.join(out, n + ".npy") for n in prompts]
+
+
 def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
     """Write the trained delta of the run in ``cfg.workdir`` as ``fmt`` to ``out``."""
     if fmt not in FORMATS:
@@ -77,7 +105,7 @@ def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
     full = delta_tree(trainable, s.frozen)
     delta = full.get("peft", {})
     if fmt == "npy":
-        delta_io.export_prompt_npy(delta, out)
+        export_prompts(cfg, exp, delta, out)
     elif fmt == "delta":
         delta_io.save_delta(out, full, base_id=exp.base_id, base_hash=exp.base_hash,
                             methods=exp.methods, overwrite=True)
