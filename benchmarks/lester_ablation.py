@@ -59,6 +59,8 @@ def table(rows: list) -> tuple[str, list]:
 
 def write_report(workdir: str, out: str = RESULTS) -> str:
     from peft_jax import report
+    if not os.path.isdir(workdir):
+        return f"no runs under {workdir} yet"
     rows = report.collect_all(workdir)
     report.export_rows(rows, out + ".jsonl", keys=ROW_KEYS)
     md, agg = table(rows)
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--stop-after-hours", type=float, default=0.0, help="0 = run every cell")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=RESULTS, help="results file prefix (.jsonl, .md)")
-    p.add_argument("--only", action="append", default=[], help="glob on cell names (repeatable)")
+    p.add_argument("--only", action="append", default=[],
+                   help="glob on cell names, e.g. '*length20_*' (names: init-uniform_length20_seed0-<hash>; repeatable)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=V",
                    help="config override for every cell (e.g. train.steps=4 for a smoke run)")
     a = p.parse_args(argv)

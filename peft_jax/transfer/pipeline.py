@@ -72,6 +72,11 @@ def rankings_for_targets(lib: PromptLibrary, targets: PromptLibrary, method: str
     return out
 
 
+def entry_name(task: str) -> str:
+    """Library entry / folder name of a task (``lmbff/cr`` -> ``lmbff_cr``)."""
+    return task.replace("/", "_")
+
+
 def check_splits(splits: Mapping[str, tuple[str, str]]) -> None:
     """Every task has its (train, eval) splits (before any run starts): an error naming the
     task, its splits and ``--splits TASK=TRAIN:EVAL`` otherwise."""
@@ -159,11 +164,11 @@ class SpotPipeline:
 
     def train_prompts(self, tasks: Sequence[str], stage: str, library: PromptLibrary) -> None:
         for task in tasks:
-            wd = os.path.join(self.root, stage, task)
+            wd = os.path.join(self.root, stage, entry_name(task))
             row = self.run(wd, **{"task.name": task, "train.steps": self.steps[stage]})
             if row.get("status") != "finished":
                 raise LibraryError(f"spot run: the {stage} run of {task!r} failed: {row.get('error')}")
-            add_from_run(library, wd, name=task, metric=self.metric, overwrite=True)
+            add_from_run(library, wd, name=entry_name(task), metric=self.metric, overwrite=True)
 
     def transfer(self) -> dict[str, dict[str, float]]:
         """{target: {"from:<source>" | "<init>": dev metric}} at the transfer budget."""
@@ -172,14 +177,14 @@ class SpotPipeline:
         for t in self.targets:
             out[t] = {}
             for init in self.baselines:
-                wd = os.path.join(self.root, "transfer", t, f"init-{init}")
+                wd = os.path.join(self.root, "transfer", entry_name(t), f"init-{init}")
                 out[t][init] = _metric(self.run(wd, **{"task.name": t, "train.steps": steps,
                                                        "peft.prompt.init": init}), self.metric)
             for s in self.sources:
-                wd = os.path.join(self.root, "transfer", t, f"from-{s}")
+                wd = os.path.join(self.root, "transfer", entry_name(t), f"from-{entry_name(s)}")
                 out[t][f"from:{s}"] = _metric(self.run(wd, **{
                     "task.name": t, "train.steps": steps, "peft.prompt.init": "file",
-                    "peft.prompt.file": os.path.join(self.library.root, f"{s}.npy")}), self.metric)
+                    "peft.prompt.file": os.path.join(self.library.root, f"{entry_name(s)}.npy")}), self.metric)
         return out
 
     # ----------------------------------------------------------------------------- all
