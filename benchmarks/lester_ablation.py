@@ -42,6 +42,8 @@ def cell_rows(rows: list) -> list:
     out = []
     for r in rows:
         cfg = dict(r.get("config") or {})
+        if cfg.get("peft.methods") is None and r.get("_dir"):   # a cell not run: <workdir>/<method>/<cell>
+            cfg["peft.methods"] = os.path.basename(os.path.dirname(os.path.abspath(r["_dir"])))
         if cfg.get("peft.methods") not in (None, "prompt"):
             cfg["peft.prompt.length"], cfg["peft.prompt.init"] = "-", "-"
         out.append({**r, "config": cfg})
@@ -61,7 +63,7 @@ def write_report(workdir: str, out: str = RESULTS) -> str:
     from peft_jax import report
     if not os.path.isdir(workdir):
         return f"no runs under {workdir} yet"
-    rows = report.collect_all(workdir)
+    rows = cell_rows(report.collect_all(workdir))
     report.export_rows(rows, out + ".jsonl", keys=ROW_KEYS)
     md, agg = table(rows)
     with open(out + ".md", "w") as f:

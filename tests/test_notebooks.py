@@ -36,7 +36,7 @@ def test_ablation_notebook_on_committed_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_JAX_NOTEBOOK_OUT", str(tmp_path))
     nb = _execute("ablation_analysis.ipynb")
     rows = report.load_rows(str(ABLATION_ROWS))
-    assert f"{len(rows)} rows from" in _text(nb)
+    assert f"{len(rows)} rows from" in _text(nb) and f"({len(report.finished(rows))} finished" in _text(nb)
     keys = ["peft.methods", "peft.prompt.length", "peft.prompt.init"]
     for r in rows:
         if r["config"].get("peft.methods") != "prompt":
