@@ -7,9 +7,9 @@
     peft-jax methods                         (every PEFT method with its config keys)
     peft-jax zeroshot --config ... [--split S]   (the untrained base model, no training step)
     peft-jax convert  --model PATH_OR_GGUF --out DIR   (to a HF safetensors folder)
-    peft-jax sweep    --config ... --root DIR [--dry-run] [--parallel N]
+    peft-jax sweep    --config ... --workdir DIR [--grid KEY=V1,V2 ...] [--seeds 0,1,2] [--dry-run]
     peft-jax report   DIR [--group-by ...] (mean (std) over seeds, plots)
-    peft-jax spot     add|list|inspect|rank|eval-retrieval ...   (SPoT prompt library)
+    peft-jax spot     run|add|list|inspect|rank|eval-retrieval ...   (SPoT: prompt library, retrieval, transfer)
     peft-jax launch   tpu|slurm ... [--dry-run] -- <peft-jax args>
     peft-jax embed    --model minilm --input sentences.txt --out emb.npy
     peft-jax fewshot  --method ... (LM-BFF protocol over the 5 seeds)
@@ -83,6 +83,11 @@ def _option(args: Sequence[str], name: str) -> Optional[str]:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    swept = [o.partition("=")[0] for o in split_config_args(argv)[1]
+             if o.partition("=")[0].split(".")[0] == "sweep"]
+    if swept:
+        raise ConfigError(f"--config.{swept[0]}: a sweep is run by `peft-jax sweep`; "
+                          "`peft-jax train` runs one point (set the keys themselves)")
     cfg, rest = _load_cfg(argv)
     p = argparse.ArgumentParser(prog="peft-jax train")
     p.add_argument("--workdir", default=None, help="overrides config.workdir")

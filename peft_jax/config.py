@@ -43,7 +43,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """The text after ``--config.key=`` as a Python literal (else the plain string)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -99,7 +100,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str],
             if i < len(parts) - 1:
                 node = node[p]
         leaf = parts[-1]
-        value = _coerce(key, node[leaf], _parse_value(raw))
+        value = _coerce(key, node[leaf], parse_value(raw))
         with node.unlocked():
             node[leaf] = value
     return cfg

@@ -140,6 +140,12 @@ def write_tiny_llama(folder: str, tokenizer, seed: int = 0) -> str:
     return folder
 
 
+def tiny_llama_folder(root: str, n_sentences: int = 200) -> str:
+    """A tiny random Llama under ``root/llama`` with a BPE tokenizer trained on the first
+    ``n_sentences`` SST-2 sentences (needs ../shared/data)."""
+    return write_tiny_llama(os.path.join(root, "llama"), train_bpe_llama_tokenizer(sst2_sentences(n_sentences)))
+
+
 def write_spiece_model(path: str, tokenizer) -> str:
     """The Unigram vocabulary of a ``T5Tokenizer`` as a SentencePiece ``.model`` file (what
     T5 checkpoints ship), written with the protobuf schema bundled in transformers."""
@@ -187,6 +193,43 @@ def write_all(root: str) -> dict:
     return {"t5_v1.0": write_tiny_t5(os.path.join(root, "t5_v1.0"), t5_tok, "v1.0"),
             "t5_v1.1": write_tiny_t5(os.path.join(root, "t5_v1.1"), t5_tok, "v1.1"),
             "llama": write_tiny_llama(os.path.join(root, "llama"), llama_tok)}
+
+
+def compare_to_peft_model(cfg, trained: dict, pm, tol: float = 1e-4) -> float:
+    """Logits of the run's model with its trained delta (flat, as ``delta/`` holds it) vs
+    the HF ``PeftModel`` ``pm`` (teacher forcing of the targets), on dev examples encoded by
+    the run's own encoder; max abs difference over real positions (a soft prompt's virtual
+    positions included) asserted <= ``tol``; returns it."""
+    import torch
+
+    from peft_jax.data import make_batches
+    from peft_jax.models.t5 import shift_right
+    from peft_jax.peft.delta_io import unflatten_delta
+    from peft_jax.peft.method import materialize_all
+    from peft_jax.runner import encode_split, load_examples, setup
+
+    s = setup(cfg)
+    enc = encode_split(s.exp, load_examples(s.exp, "dev", 4))
+    b = next(make_batches(enc, 4, buckets=None, shuffle=False, drop_remainder=False, num_epochs=1))
+    ids, mask = np.asarray(b["input_ids"]), np.asarray(b["attention_mask"])
+    args, kw = [ids, mask], {}
+    if s.exp.kind == "encoder_decoder":
+        dec = np.asarray(shift_right(b["targets"], 0, 0))
+        args.append(dec)
+        kw["decoder_input_ids"] = torch.tensor(dec.astype(np.int64))
+    peft_delta = materialize_all(s.exp.methods, unflatten_delta(trained)["peft"])  # VeRA, prefix MLP
+    ours = np.asarray(s.exp.model.apply({"params": s.exp.pre.base, "peft": peft_delta}, *args)["logits"])
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(ids.astype(np.int64)),
+                    attention_mask=torch.tensor(mask.astype(np.int64)), **kw).logits.numpy()
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    real = np.asarray(b["target_mask"] if s.exp.kind == "encoder_decoder" else mask).astype(bool)
+    virtual = ours.shape[1] - real.shape[1]   # soft-prompt positions prepended by both
+    real = np.concatenate([np.ones((real.shape[0], virtual), bool), real], axis=1)
+    err = float(np.max(np.abs(ours - theirs)[real]))
+    print(f"\nPeftModel reload ({s.exp.kind}, {cfg.peft.methods}): max abs err {err:.2e}")
+    assert err <= tol, err
+    return err
 
 
 if __name__ == "__main__":   # python tests/_seq2seq_fixtures.py OUT_DIR

@@ -166,3 +166,42 @@ def test_report_main_runner_rows_seed_and_baseline(tmp_path, capsys):
     for length in (2, 5):
         assert float(got[length]["accuracy_mean"]) == pytest.approx(np.mean(accs[length]))
         assert float(got[length]["baseline.accuracy_mean"]) == pytest.approx(0.51)
+
+
+def test_export_rows_round_trip_keeps_curves_and_convergence(tmp_path):
+    """Rows exported for committing (config subset + curves) load back with the same
+    table and the same convergence check as the run folders they came from."""
+    from peft_jax.report import export_rows, late_move, load_rows, history
+    root = tmp_path / "runs"
+    rows = []
+    for seed, (a, b) in enumerate(((0.70, 0.705), (0.60, 0.80))):
+        name = f"s{seed}"
+        row = _row(name, 5, "uniform", seed, b)
+        row["steps"], row["baseline"] = 100, {"accuracy": 0.5}
+        d = root / name
+        write_result(str(d), row)
+        with open(d / "metrics.jsonl", "w") as f:
+            for step, acc in ((50, 0.65), (80, a), (100, b)):
+                f.write(json.dumps({"step": step, "eval/accuracy": acc, "train/loss": 1 - acc}) + "\n")
+            f.write('{"step": 10')   # a line cut by a kill is skipped
+        rows.append({**row, "_dir": str(d)})
+    path = export_rows(rows, str(tmp_path / "res" / "x.jsonl"), keys=["peft.prompt.length", "train.seed"])
+    back = load_rows(path)
+    assert [r["name"] for r in back] == ["s0", "s1"]
+    assert back[0]["config"] == {"peft.prompt.length": 5, "train.seed": 0}
+    for orig, got in zip(rows, back):
+        for key in ("eval/accuracy", "train/loss"):
+            s0, v0 = history(orig, key)
+            s1, v1 = history(got, key)
+            np.testing.assert_array_equal(s0, s1)
+            np.testing.assert_allclose(v0, v1, atol=1e-6)
+        assert late_move(got, "accuracy") == pytest.approx(late_move(orig, "accuracy"))
+    assert late_move(back[0], "accuracy") == pytest.approx(0.005)   # steps >= 80: 0.70, 0.705
+    assert late_move(back[1], "accuracy") == pytest.approx(0.20)
+    agg = aggregate(back, ["peft.prompt.length"], ["accuracy"], seed_key="train.seed")
+    assert agg[0]["n"] == 2 and agg[0]["accuracy_mean"] == pytest.approx(0.7525)
+    with pytest.raises(ReportError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"name": 1}\n')
+    with pytest.raises(ReportError, match="bad.jsonl:1: not a result row"):
+        load_rows(str(tmp_path / "bad.jsonl"))

@@ -284,3 +284,75 @@ def test_spot_cli(tmp_path, capsys):
     assert summary["mean_oracle_rank"] == 1.0
     assert spot_main(["add", lib, "x", "--prompt", str(tmp_path / "sst2.npy")]) == 2
     assert "missing --task, --base-id" in capsys.readouterr().err
+
+
+def _finished_run(root, name, prompt, **cfg):
+    """A run folder as the runner leaves it: ``delta/`` (the saved delta) + result.json."""
+    from peft_jax.peft.delta_io import save_delta
+    save_delta(str(root / "delta"), {"peft": {"prompt": prompt}}, base_id="org/tiny", base_hash="sha256:cd")
+    row = {"name": name, "status": "finished", "steps": cfg.pop("steps", 300),
+           "config": {"task.name": "sst2", "model.name": "tiny", "peft.prompt.init": "uniform",
+                      "seed": 0, "train.steps": 300, **cfg}, "metrics": {"accuracy": 0.7}}
+    (root / "result.json").write_text(json.dumps(row))
+    return root
+
+
+def test_add_from_run_reads_the_runs_delta_with_metadata(tmp_path, capsys):
+    """``spot add --from-run`` with no exported .npy: the prompt comes bit-exactly from the
+    run's ``delta/``, with task, base id/hash, length, init, seed, steps, dev metric."""
+    p = _awkward_prompt(np.random.default_rng(4), 5, 8)
+    run = _finished_run(tmp_path / "run", "sst2_run", p, seed=3)
+    lib = str(tmp_path / "lib")
+    assert spot_main(["add", lib, "--from-run", str(run)]) == 0
+    meta = PromptLibrary(lib).meta("sst2_run")
+    assert (meta.task, meta.base_id, meta.base_hash, meta.length, meta.d_model, meta.init, meta.seed,
+            meta.steps, meta.metric, meta.metric_value) == \
+        ("sst2", "org/tiny", "sha256:cd", 5, 8, "uniform", 3, 300, "accuracy", 0.7)
+    assert PromptLibrary(lib).load("sst2_run").tobytes() == p.tobytes()
+    # a run whose delta has no prompt: the error says so
+    from peft_jax.peft.delta_io import save_delta
+    save_delta(str(tmp_path / "lora" / "delta"), {"peft": {"q": {"lora_a": np.ones((2, 2), np.float32)}}},
+               base_id="b", base_hash="h")
+    (tmp_path / "lora" / "result.json").write_text((run / "result.json").read_text())
+    capsys.readouterr()
+    assert spot_main(["add", lib, "x", "--from-run", str(tmp_path / "lora")]) == 2
+    assert "expected one soft prompt in the run's delta, found []" in capsys.readouterr().err
+
+
+def test_shared_init_warning_when_prompts_trained_too_little(tmp_path, capsys):
+    """Prompts from the same init (init and seed) compared after < 1000 steps are flagged by
+    rank / eval-retrieval; different seeds, or long training, are not."""
+    from peft_jax.transfer.library import shared_init_warnings
+    rng = np.random.default_rng(0)
+    lib = PromptLibrary(str(tmp_path / "lib"), create=True)
+    for name, seed, steps in (("a", 0, 20), ("b", 0, 20), ("c", 1, 20), ("d", 2, 5000), ("e", 2, 5000)):
+        lib.add(name, rng.standard_normal((4, 8)).astype(np.float32), task=name, base_id="m",
+                init="uniform", seed=seed, steps=steps)
+    warns = shared_init_warnings(lib.list())
+    assert len(warns) == 1 and "['a', 'b'] share init='uniform' seed=0" in warns[0]
+    lib.add("f", rng.standard_normal((4, 8)).astype(np.float32), task="f", base_id="m", init="file",
+            seed=0, steps=1)
+    assert len(shared_init_warnings(lib.list())) == 1         # a transferred prompt: no shared init
+    capsys.readouterr()
+    assert spot_main(["rank", str(tmp_path / "lib"), "--target", "a"]) == 0
+    assert "share init='uniform' seed=0" in capsys.readouterr().err
+
+
+def test_spot_table_mrr_and_gains():
+    """The pipeline's table from measured scores: gains over uniform init, MRR of the best
+    source per similarity, the retrieved top-1's gain beside the best source's."""
+    from peft_jax.transfer.pipeline import markdown, spot_table
+    scores = {"cr": {"uniform": 0.60, "class_labels": 0.70, "from:sst2": 0.80, "from:trec": 0.55},
+              "mr": {"uniform": 0.50, "class_labels": 0.52, "from:sst2": 0.58, "from:trec": float("nan")}}
+    rankings = {"mean_cosine": {"cr": [("trec", 0.9), ("sst2", 0.5)], "mr": [("sst2", 0.7), ("trec", 0.2)]},
+                "token_cosine": {"cr": [("sst2", 0.9), ("trec", 0.5)], "mr": [("sst2", 0.7), ("trec", 0.2)]}}
+    res = spot_table(scores, rankings, ["sst2", "trec"], ks=(1,))
+    assert res["gains"]["cr"] == pytest.approx({"sst2": 0.20, "trec": -0.05})
+    assert res["gains"]["mr"] == pytest.approx({"sst2": 0.08})          # the failed run is left out
+    mc, tc = res["retrieval"]["mean_cosine"]["summary"], res["retrieval"]["token_cosine"]["summary"]
+    assert mc["mrr"] == pytest.approx((1 / 2 + 1) / 2) and tc["mrr"] == pytest.approx(1.0)
+    assert mc["mean_top1_gain"] == pytest.approx((-0.05 + 0.08) / 2)
+    assert tc["mean_top1_gain"] == pytest.approx(mc["mean_oracle_gain"]) == pytest.approx(0.14)
+    md = markdown(res)
+    assert "| cr | 60.0 | 70.0 | sst2 (+20.0) | trec (-5.0) | sst2 (+20.0) |" in md
+    assert "| mean_cosine | 0.750 | +1.5 | +14.0 | 0.50 |" in md

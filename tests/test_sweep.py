@@ -9,8 +9,9 @@ import textwrap
 import pytest
 
 from peft_jax.config import load_config_file
-from peft_jax.sweep import (SweepError, expand, format_value, is_finished, run_name, run_sweep,
-                            sweep_main, sweep_points)
+from peft_jax.sweep import (SweepError, expand, experiment_checker, format_value, is_finished,
+                            parse_grid, parse_seeds, run_name, run_sweep, sweep_main, sweep_points,
+                            train_command)
 
 CONFIG = '''
 import ml_collections
@@ -26,6 +27,8 @@ def get_config(arg=None):
                    {"peft.prompt.init": "class_labels", "peft.prompt.tag": "1e-3", "train.lr": 1}]
     elif arg == "bad":
         c.sweep = [{"peft.prompt.lenght": 5}]
+    elif arg == "nosweep":
+        pass
     else:
         c.sweep = {"peft": {"prompt": {"length": [1, 5, 20, 100, 150],
                                        "init": ["class_labels", "uniform"]}},
@@ -196,3 +199,170 @@ def test_sweep_main_runs_with_train_cmd(cfg_file, tmp_path, fake_train, capsys):
     assert sweep_main(argv[:4] + ["--list"]) == 0
     assert capsys.readouterr().out.count("finished ") == 3
     assert load_config_file(cfg_file + ":list").sweep[1]["train.lr"] == 1
+
+
+def _points(runs):
+    return [dict(r.overrides) for r in runs]
+
+
+def test_grid_and_seeds_from_the_command_line(cfg_file, tmp_path):
+    root = str(tmp_path / "g")
+    grid = parse_grid(["peft.prompt.length=1,5", "config.peft.prompt.init=uniform,class_labels"])
+    assert grid == [("peft.prompt.length", [1, 5]), ("peft.prompt.init", ["uniform", "class_labels"])]
+    runs = expand(cfg_file + ":nosweep", root, grid=grid, seeds=parse_seeds("0-1"))
+    # seeds outermost (the config's seed key is train.seed), the last --grid axis fastest
+    assert _points(runs)[:4] == [{"peft.prompt.length": l, "peft.prompt.init": i, "train.seed": 0}
+                                 for l in (1, 5) for i in ("uniform", "class_labels")]
+    assert [p["train.seed"] for p in _points(runs)] == [0] * 4 + [1] * 4
+    # --grid crosses the declared sweep; --config.sweep.KEY=[..] is the same as --grid KEY=..
+    crossed = expand(cfg_file + ":list", root, grid=[("train.steps", [3, 4])])
+    assert len(crossed) == 6 and _points(crossed)[:2] == [
+        {"peft.prompt.init": "uniform", "train.seed": 1, "train.steps": s} for s in (3, 4)]
+    same = expand(cfg_file + ":list", root, common=["sweep.train.steps=[3, 4]"])
+    assert same == crossed
+    # --config.sweep=SPEC replaces the declared sweep and never reaches the training command
+    repl = expand(cfg_file, root, common=["sweep=[{'peft.prompt.length': [3, 4]}]", "train.lr=0.5"])
+    assert _points(repl) == [{"peft.prompt.length": 3}, {"peft.prompt.length": 4}]
+    cmd = train_command(repl[0], cfg_file, ["sweep=[{'peft.prompt.length': [3, 4]}]", "train.lr=0.5"])
+    assert "--config.train.lr=0.5" in cmd and not any("sweep" in a for a in cmd)
+    assert parse_grid(["a=[[1, 2], [3]]"]) == [("a", [[1, 2], [3]])] and parse_seeds("3,7") == [3, 7]
+    for bad, msg in ((lambda: parse_grid(["peft.prompt.length"]), "expected KEY=V1,V2"),
+                     (lambda: parse_grid(["a=1,,2"]), "an empty value"),
+                     (lambda: parse_seeds("0,x"), "'x' is not an integer"),
+                     (lambda: expand(cfg_file, root, grid=[("peft.prompt.length", [1])]),
+                      r"'peft.prompt.length'\] is both in config.sweep and a --grid axis"),
+                     (lambda: expand(cfg_file, root, seeds=[1]), "'train.seed' is both a sweep axis"),
+                     (lambda: expand(cfg_file + ":nosweep", root, ["peft.prompt.length=3"],
+                                     grid=[("peft.prompt.length", [1])]), "is also a sweep axis"),
+                     (lambda: expand(cfg_file + ":nosweep", root), "declares no sweep"),
+                     (lambda: expand(cfg_file + ":nosweep", root, grid=[("peft.prompt.lenght", [1])]),
+                      "unknown key 'lenght'"),
+                     (lambda: expand(cfg_file, root, common=["sweep=[{"]), "not a Python literal")):
+        with pytest.raises(SweepError, match=msg):
+            bad()
+
+
+def test_sweep_cli_grid_seeds_and_help(cfg_file, tmp_path, fake_train, capsys):
+    root = str(tmp_path / "o")
+    argv = ["--config", cfg_file + ":nosweep", "--workdir", root, "--grid", "peft.prompt.length=1,5",
+            "--seeds", "0,1", "--train-cmd", shlex.join(fake_train)]
+    assert sweep_main(argv) == 0
+    assert "4 finished, 0 skipped (already finished), 0 failed, 0 invalid" in capsys.readouterr().out
+    rows = [json.loads(open(os.path.join(root, d, "result.json")).read()) for d in sorted(os.listdir(root))
+            if os.path.isdir(os.path.join(root, d))]
+    assert sorted((r["config"]["peft.prompt.length"], r["config"]["train.seed"]) for r in rows) == \
+        [(1, 0), (1, 1), (5, 0), (5, 1)]
+    assert len(json.loads((tmp_path / "o" / "sweep.json").read_text())["runs"]) == 4
+    assert sweep_main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--config", "--workdir", "--grid", "--seeds", "--in-process", "--config.sweep"):
+        assert flag in help_text
+    from peft_jax import cli
+    assert "sweep    --config ... --workdir DIR [--grid" in cli.__doc__ and "--root" not in cli.__doc__
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert "sweep --root" not in readme and "peft-jax sweep --config" in readme and "--workdir" in readme
+
+
+def test_train_refuses_a_sweep_override(cfg_file, capsys):
+    from peft_jax import cli
+    assert cli.main(["train", "--config", cfg_file, "--config.sweep=[{'train.lr': [1]}]"]) == 2
+    assert "a sweep is run by `peft-jax sweep`" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_path):
+    from _train_fixtures import write_task, write_tiny_bert
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    return write_tiny_bert(str(root / "model"), minilm_path), write_task(str(root / "data")), root
+
+
+def test_every_cell_validated_before_the_first_run(tiny, tmp_path, fake_train, capsys):
+    """Length 1 x class_labels (2 classes) is invalid: reported up front, recorded, never run;
+    the report shows it (n=0, why), a failed cell and the cells never started."""
+    from _train_fixtures import config_file
+    from peft_jax.report import ablation_lines, aggregate, collect_all, report_main
+    model, task, _ = tiny
+    spec = config_file(str(tmp_path / "exp.py"), model, task, str(tmp_path / "unused"), "prompt",
+                       **{"task.label_words": "bad,good"})
+    cache = {}
+    cfg = load_config_file(spec)
+    runs = expand(spec, str(tmp_path / "r"), cfg=cfg, grid=[("peft.prompt.length", [1, 4, 5]),
+                  ("peft.prompt.init", ["uniform", "class_labels"])], seeds=[0, 1],
+                  check=experiment_checker(cfg, cache))
+    assert len(cache) == 1 and not os.path.exists(tmp_path / "r")  # one model load, nothing run yet
+    bad = {r.name: r.invalid for r in runs if r.invalid}
+    assert len(bad) == 2 and all("length1_init-class_labels" in n for n in bad)
+    assert all("config.peft.prompt.length=1" in why and "2 classes do not fit in 1 prompt vectors" in why
+               for why in bad.values())
+    root = str(tmp_path / "s")
+    argv = ["--config", spec, "--workdir", root, "--grid", "peft.prompt.length=1,4,5", "--grid",
+            "peft.prompt.init=uniform,class_labels", "--seeds", "0,1", "--train-cmd", shlex.join(fake_train),
+            "--only", "*seed0*"]
+    env_fail = os.environ.get("FAKE_FAIL_LEN5")
+    os.environ["FAKE_FAIL_LEN5"] = "1"
+    try:
+        assert sweep_main(argv) == 1      # the length-5 cells fail
+    finally:
+        if env_fail is None:
+            os.environ.pop("FAKE_FAIL_LEN5")
+        else:
+            os.environ["FAKE_FAIL_LEN5"] = env_fail
+    out, err = capsys.readouterr()
+    assert "1 of 6 cell(s) are invalid and will not run" in err and "2 classes do not fit" in err
+    assert "3 finished, 0 skipped (already finished), 2 failed, 1 invalid" in out
+    calls = open(os.path.join(root, "calls.log")).read().split()
+    assert len(calls) == 5 and not any("length1_init-class_labels" in c for c in calls)
+    inv = [json.load(open(os.path.join(root, n, "result.json"))) for n in bad if "seed0" in n][0]
+    assert inv["status"] == "invalid" and "2 classes do not fit" in inv["error"]
+    assert inv["config"]["peft.prompt.length"] == 1 and inv["config"]["peft.prompt.init"] == "class_labels"
+    # the table: n per cell, the invalid / failed / never started (seed 1) cells and why
+    rows = collect_all(root)
+    assert sorted(r["status"] for r in rows).count("missing") == 5
+    table = {(e["peft.prompt.length"], e["peft.prompt.init"]): e
+             for e in aggregate(rows, ["peft.prompt.length", "peft.prompt.init"], ["accuracy"], seed_key="seed")}
+    assert table[(1, "class_labels")]["n"] == 0 and table[(1, "class_labels")]["invalid"] == 2
+    assert table[(1, "class_labels")]["missing"] == 0 and table[(4, "uniform")]["n"] == 1
+    assert table[(5, "uniform")]["failed"] == 1 and table[(5, "uniform")]["n"] == 0
+    assert report_main([root, "--metric", "accuracy", "--group-by", "peft.prompt.length,peft.prompt.init",
+                        "--plot-ablation", str(tmp_path / "a.png")]) == 0
+    text = capsys.readouterr().out
+    line = [ln for ln in text.splitlines() if ln.startswith("1 ") and "class_labels" in ln][0]
+    assert " 0 " in line and "2 invalid: config.peft.prompt.length=1" in line
+    assert "not finished: 2 failed, 2 invalid, 5 missing" in text
+    lines = {ln["hue"]: ln for ln in ablation_lines(list(table.values()), "peft.prompt.length",
+                                                      "peft.prompt.init", "accuracy")}
+    assert lines["class_labels"]["gaps"] == [1.0, 5.0] and lines["uniform"]["gaps"] == [5.0]
+    assert lines["uniform"]["labels"] == ["n=1/2", "n=1/2", ""]
+    # --list shows why a cell did not run
+    assert sweep_main(argv[:-2] + ["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("invalid ") for ln in listed) == 2 and sum(ln.startswith("failed ") for ln in listed) == 2
+    assert sum(ln.startswith("pending ") for ln in listed) == 5
+
+
+@pytest.mark.slow
+def test_in_process_cells_match_subprocess_runs(tiny, tmp_path):
+    """--in-process trains the same deltas as one `peft-jax train` per cell, loading the model once."""
+    from _train_fixtures import config_file
+    from peft_jax.peft.delta_io import load_delta
+    model, task, _ = tiny
+    spec = config_file(str(tmp_path / "exp.py"), model, task, str(tmp_path / "unused"), "prompt",
+                       **{"train.steps": 2})
+    cfg = load_config_file(spec)
+    grid = [("peft.prompt.length", [2, 3])]
+    cache = {}
+    a = expand(spec, str(tmp_path / "a"), cfg=cfg, grid=grid)
+    s = run_sweep(a, spec, in_process=True, cache=cache, cfg=cfg)
+    assert sorted(s["finished"]) == sorted(r.name for r in a) and len(cache) == 1
+    b = expand(spec, str(tmp_path / "b"), cfg=cfg, grid=grid)
+    assert run_sweep(b[:1], spec, cfg=cfg)["finished"] == [b[0].name]
+    da, _ = load_delta(os.path.join(a[0].workdir, "delta"))
+    db, _ = load_delta(os.path.join(b[0].workdir, "delta"))
+    assert jax_equal(da, db)
+
+
+def jax_equal(a, b) -> bool:
+    import numpy as np
+    from flax import traverse_util
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)

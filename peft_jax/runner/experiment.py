@@ -153,6 +153,15 @@ def build_methods(cfg, pre: Any, task: Any) -> tuple:
     return methods
 
 
+def check_experiment(cfg, pretrained: Any) -> None:
+    """Every check :func:`build_experiment` makes, on an already loaded base, without
+    building the model or reading data beyond what the methods need (a sweep validates
+    all its cells this way before the first run starts). Raises the project's errors
+    (``ConfigError``, ``DataError``, ...) naming the config key."""
+    defaults.validate(cfg)
+    build_methods(cfg, with_model_options(pretrained, cfg), load_task(cfg))
+
+
 def build_experiment(cfg, pretrained: Any = None, bare: bool = False) -> Experiment:
     """Validate the config, load the base (or take ``pretrained``) and the task.
 

@@ -9,14 +9,17 @@ Formats (``peft-jax export --format``): ``npy`` (prompts by dotted path), ``hf-p
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from peft_jax import defaults
 from peft_jax.config import ConfigError
 from peft_jax.models.registry import save_pretrained
 from peft_jax.peft import delta_io, tree
+from peft_jax.peft.heads import Head
 from peft_jax.peft.hf_peft import export_method, module_paths
 from peft_jax.peft.merge import merge
 from peft_jax.peft.method import HfNames, NotSupported
@@ -24,6 +27,7 @@ from peft_jax.peft.partition import assemble
 from peft_jax.peft.report import param_report
 from peft_jax.runner.run import delta_tree
 from peft_jax.runner.session import Session, restore_trained, setup
+from peft_jax.transfer.library import LibraryError, PromptLibrary, run_metadata
 
 FORMATS = ("npy", "hf-peft", "merged", "delta")
 # HF PEFT task_type of an adapter for each model kind (PeftModel applies prompts by it)
@@ -44,6 +48,54 @@ def hf_names(s: Session) -> HfNames:
                    task_type=HF_TASK_TYPES[s.exp.kind], base_model_name_or_path=s.exp.base_id)
 
 
+def check_hf_peft_carries(acting: list, trained_base: Any) -> None:
+    """Refuse (``ConfigError``, naming it) what an HF PEFT adapter cannot carry: trained
+    base weights (BitFit, full fine-tuning), a peft_jax task head (HF PEFT's
+    ``modules_to_save`` holds copies of the HF class's own modules, e.g.
+    ``BertForSequenceClassification.classifier`` on the [CLS] pooler; the head here pools
+    and projects differently, so it would load as a different classifier) or more than one
+    method."""
+    names = [m.name for m in acting]
+    base = tree.natural_sorted(tree.flatten(trained_base))
+    if base:
+        raise ConfigError(f"hf-peft export cannot carry trained base weights ({len(base)} tensors, "
+                          f"e.g. {base[:3]}): use --format merged or --format delta")
+    heads = [m.name for m in acting if isinstance(m, Head)]
+    if heads:
+        raise ConfigError(f"hf-peft export cannot carry the task head {heads} of this run's delta "
+                          f"{names}: HF PEFT's modules_to_save holds copies of the HF model's own "
+                          "head modules, which peft_jax's head is not; use --format delta, or "
+                          "task.format='verbalizer' / 'text_to_text' (no head)")
+    if len(acting) != 1:
+        raise ConfigError(f"hf-peft export holds one method; this run's delta has {names} "
+                          "(use --format delta)")
+
+
+def prompt_metadata(cfg, exp) -> dict:
+    """Library metadata of the run's prompts (:func:`~peft_jax.transfer.library.run_metadata`
+    of the finished run; the config's values and no metric for an unfinished one), with
+    the base model's id and hash."""
+    try:
+        meta = run_metadata(cfg.workdir, cfg.train.best_metric or "accuracy")
+    except LibraryError:
+        meta = dict(task=cfg.task.name, init=cfg.peft.prompt.init, seed=cfg.seed)
+    return {**meta, "base_id": exp.base_id, "base_hash": exp.base_hash}
+
+
+def export_prompts(cfg, exp, delta: Any, out: str) -> list[str]:
+    """Each soft prompt of ``delta`` as ``<out>/<dotted.path>.npy`` [P, d] with its metadata
+    sidecar ``<dotted.path>.json`` (task, base id and hash, length, init, seed, steps, dev
+    metric): ``out`` is a SPoT prompt library (``peft-jax spot list OUT``)."""
+    prompts = delta_io.prompt_leaves(delta)
+    if not prompts:
+        raise ConfigError(f"npy export: the run's delta has no soft prompt (leaves: "
+                          f"{sorted(tree.flatten(delta))[:5]}); config.peft.methods has no 'prompt'")
+    lib, meta = PromptLibrary(out, create=True), prompt_metadata(cfg, exp)
+    for name, arr in prompts.items():
+        lib.add(name, np.asarray(arr), source=os.path.abspath(cfg.workdir), overwrite=True, **meta)
+    return [os.path.join(out, n + ".npy") for n in prompts]
+
+
 def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
     """Write the trained delta of the run in ``cfg.workdir`` as ``fmt`` to ``out``."""
     if fmt not in FORMATS:
@@ -53,15 +105,13 @@ def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
     full = delta_tree(trainable, s.frozen)
     delta = full.get("peft", {})
     if fmt == "npy":
-        delta_io.export_prompt_npy(delta, out)
+        export_prompts(cfg, exp, delta, out)
     elif fmt == "delta":
         delta_io.save_delta(out, full, base_id=exp.base_id, base_hash=exp.base_hash,
                             methods=exp.methods, overwrite=True)
     elif fmt == "hf-peft":
         acting = [m for m in exp.methods if any(m.owns(p) for p in tree.flatten(delta))]
-        if len(acting) != 1:
-            raise ConfigError(f"hf-peft export holds one method; this run's delta has "
-                              f"{[m.name for m in acting]} (use --format delta)")
+        check_hf_peft_carries(acting, full.get("params") or {})
         try:
             export_method(out, delta, acting[0], hf_names(s))
         except NotSupported as e:

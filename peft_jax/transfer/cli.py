@@ -7,13 +7,18 @@
     peft-jax spot inspect LIB NAME
     peft-jax spot rank LIB --target P.npy|NAME [--target-library TLIB] [--method mean_cosine|token_cosine]
                        [--top K] [--base-hash H] [--exclude-task T] [--json]
+    peft-jax spot run --config F --sources a,b --targets x,y --workdir W [--source-steps N]
+                      [--embed-steps M] [--transfer-steps K] [--baselines ...]
+                      [--splits TASK=TRAIN:EVAL ...] [--config.KEY=V ...]
     peft-jax spot eval-retrieval --gains G.csv (--rankings R.json | --library LIB --targets TLIB)
                        [--method M] [--k 1 --k 3] [--by task|name] [--out S.json]
 
 ``eval-retrieval`` with ``--targets``: every entry of TLIB (briefly trained target prompts)
 is ranked against LIB (entries of the same task excluded); with ``--by task`` (default)
 sources and targets are identified by task name (best-scoring entry per source task), which
-is what the gains CSV (``source,target,gain``) refers to.
+is what the gains CSV (``source,target,gain``) refers to. ``run`` is the whole pipeline
+(:mod:`peft_jax.transfer.pipeline`): train sources -> library -> target embeddings -> rank ->
+transfer vs baseline inits -> one table with MRR and gains.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from peft_jax.config import ConfigError
 from peft_jax.errors import print_error
-from peft_jax.transfer.library import LibraryError, PromptLibrary, add_from_run
+from peft_jax.transfer.library import LibraryError, PromptLibrary, add_from_run, shared_init_warnings
+from peft_jax.transfer.pipeline import (BASELINES, SpotPipeline, markdown, parse_splits,
+                                        rankings_for_targets)
 from peft_jax.transfer.retrieval import evaluate_retrieval, read_gains_csv
 from peft_jax.transfer.similarity import SIMILARITIES, rank
 
@@ -69,7 +77,8 @@ def cmd_add(a) -> int:
             raise LibraryError(f"spot add: missing {', '.join(missing)} (or use --from-run WORKDIR)")
         arr = np.load(a.prompt, allow_pickle=False)
         meta = lib.add(a.name, arr, task=a.task, base_id=a.base_id, base_hash=a.base_hash, init=a.init,
-                       steps=a.steps, metric=name, metric_value=value, source=a.prompt, overwrite=a.overwrite)
+                       seed=a.seed, steps=a.steps, metric=name, metric_value=value, source=a.prompt,
+                       overwrite=a.overwrite)
     print(f"added {meta.name}: task={meta.task} [{meta.length}, {meta.d_model}] {meta.dtype} -> {lib.root}")
     return 0
 
@@ -103,6 +112,11 @@ def cmd_rank(a) -> int:
     target = _target_prompt(a.target, lib, a.target_library)
     exclude = tuple(m.name for m in lib.list() if a.exclude_task and m.task == a.exclude_task)
     ranked = rank(target, lib, method=a.method, exclude=exclude, base_hash=a.base_hash)[: a.top or None]
+    compared = [m for m in lib.list() if m.name in dict(ranked)]
+    if not a.target.endswith(".npy"):
+        compared.append((PromptLibrary(a.target_library) if a.target_library else lib).meta(a.target))
+    for w in shared_init_warnings(compared):
+        print(w, file=sys.stderr)
     if a.json:
         print(json.dumps(ranked))
         return 0
@@ -113,40 +127,16 @@ def cmd_rank(a) -> int:
     return 0
 
 
-def rankings_for_targets(lib: PromptLibrary, targets: PromptLibrary, method: str = "mean_cosine",
-                         by: str = "task") -> dict[str, list[tuple[str, float]]]:
-    """Rank ``lib`` for every entry of ``targets`` (same-task sources excluded).
-
-    ``by="task"``: keys and sources are task names (a source task's best entry counts).
-    """
-    if by not in ("task", "name"):
-        raise ValueError(f"by={by!r}: choose 'task' or 'name'")
-    src_task = {m.name: m.task for m in lib.list()}
-    out = {}
-    for tm in targets.list():
-        excl = tuple(n for n, t in src_task.items() if t == tm.task)
-        ranked = rank(targets.load(tm.name), lib, method=method, exclude=excl, base_hash=tm.base_hash)
-        if by == "name":
-            out[tm.name] = ranked
-            continue
-        seen, collapsed = set(), []
-        for s, sc in ranked:
-            if src_task[s] not in seen:
-                seen.add(src_task[s])
-                collapsed.append((src_task[s], sc))
-        if tm.task in out:
-            raise LibraryError(f"target library has several prompts for task {tm.task!r}; use --by name")
-        out[tm.task] = collapsed
-    return out
-
-
 def cmd_eval_retrieval(a) -> int:
     gains = read_gains_csv(a.gains)
     if a.rankings:
         with open(a.rankings) as f:
             rankings = {t: [tuple(x) for x in r] for t, r in json.load(f).items()}
     elif a.library and a.targets:
-        rankings = rankings_for_targets(PromptLibrary(a.library), PromptLibrary(a.targets), a.method, a.by)
+        lib, tlib = PromptLibrary(a.library), PromptLibrary(a.targets)
+        for w in shared_init_warnings(lib.list() + tlib.list()):
+            print(w, file=sys.stderr)
+        rankings = rankings_for_targets(lib, tlib, a.method, a.by)
     else:
         raise LibraryError("spot eval-retrieval: pass --rankings R.json, or --library LIB and --targets TLIB")
     res = evaluate_retrieval(rankings, gains, ks=tuple(a.k or (1, 3)))
@@ -156,6 +146,27 @@ def cmd_eval_retrieval(a) -> int:
             f.write(text + "\n")
     s = res["summary"]
     print(_table([[k, _fmt(v)] for k, v in s.items()]))
+    return 0
+
+
+def _tasks(text: str, flag: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise LibraryError(f"spot run: {flag} {text!r} names no task")
+    return tasks
+
+
+def cmd_run(a) -> int:
+    bad = [x for x in a.extra if not (x.startswith("--config.") and "=" in x)]
+    if bad:
+        raise LibraryError(f"spot run: unrecognized arguments {bad} (config overrides are --config.KEY=VALUE)")
+    pipe = SpotPipeline(a.config, _tasks(a.sources, "--sources"), _tasks(a.targets, "--targets"), a.workdir,
+                        source_steps=a.source_steps, embed_steps=a.embed_steps,
+                        transfer_steps=a.transfer_steps, baselines=_tasks(a.baselines, "--baselines"),
+                        overrides=[x[len("--config."):] for x in a.extra], splits=parse_splits(a.splits))
+    res = pipe(ks=tuple(a.k or (1, 3)))
+    print(markdown(res), end="")
+    print(f"wrote {pipe.root}/spot.md, spot.json, gains.png")
     return 0
 
 
@@ -171,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-id")
     q.add_argument("--base-hash")
     q.add_argument("--init")
+    q.add_argument("--seed", type=int)
     q.add_argument("--steps", type=int)
     q.add_argument("--metric", help="NAME=VALUE (or NAME with --from-run)")
     q.add_argument("--overwrite", action="store_true")
@@ -195,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude-task")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_rank)
+    q = sub.add_parser("run", help="the SPoT pipeline: sources -> library -> target embeddings -> "
+                       "rank -> transfer vs baseline inits -> table (MRR, gains)")
+    q.add_argument("--config", required=True, help="a prompt-tuning config file[:arg]")
+    q.add_argument("--sources", required=True, help="source task names, comma-separated")
+    q.add_argument("--targets", required=True, help="target task names, comma-separated")
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--source-steps", type=int, default=1000)
+    q.add_argument("--embed-steps", type=int, default=100,
+                   help="steps of the short target run whose prompt is the task embedding")
+    q.add_argument("--transfer-steps", type=int, default=1000)
+    q.add_argument("--baselines", default=",".join(BASELINES))
+    q.add_argument("--splits", action="append", default=[], metavar="TASK=TRAIN:EVAL",
+                   help="a task's train / eval splits (default: the config's task.train_split / eval_split)")
+    q.add_argument("--k", type=int, action="append", help="top-k of the retrieval table (1, 3)")
+    q.set_defaults(fn=cmd_run, extra=[])
     q = sub.add_parser("eval-retrieval", help="retrieval quality against measured transfer gains")
     q.add_argument("--gains", required=True)
     q.add_argument("--rankings")
@@ -209,10 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spot_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.cmd != "run":
+        build_parser().parse_args(argv)    # the usual "unrecognized arguments" error
+    args.extra = extra
     try:
         return args.fn(args)
-    except (LibraryError, ValueError, FileNotFoundError) as e:
+    except (LibraryError, ConfigError, ValueError, FileNotFoundError) as e:
         print_error(e, f"spot {args.cmd}: ")
         return 2
 

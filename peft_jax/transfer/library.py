@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from peft_jax.peft import delta_io
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
@@ -45,6 +47,7 @@ class PromptMeta:
     d_model: int = 0
     dtype: str = "float32"
     init: Optional[str] = None
+    seed: Optional[int] = None
     steps: Optional[int] = None
     metric: Optional[str] = None
     metric_value: Optional[float] = None
@@ -116,7 +119,8 @@ class PromptLibrary:
         return len(self.names())
 
     def add(self, name: str, prompt: Any, *, task: str, base_id: str, base_hash: Optional[str] = None,
-            init: Optional[str] = None, steps: Optional[int] = None, metric: Optional[str] = None,
+            init: Optional[str] = None, seed: Optional[int] = None, steps: Optional[int] = None,
+            metric: Optional[str] = None,
             metric_value: Optional[float] = None, source: Optional[str] = None,
             extra: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> PromptMeta:
         """Store ``prompt`` [P, d] bit-exactly (its own dtype) under ``name``."""
@@ -133,7 +137,8 @@ class PromptLibrary:
         meta = PromptMeta(
             name=name, task=str(task), base_id=str(base_id), base_hash=base_hash,
             length=int(arr.shape[0]), d_model=int(arr.shape[1]), dtype=str(arr.dtype),
-            init=init, steps=None if steps is None else int(steps), metric=metric,
+            init=init, seed=None if seed is None else int(seed),
+            steps=None if steps is None else int(steps), metric=metric,
             metric_value=None if metric_value is None else float(metric_value),
             sha256=array_sha256(arr), source=source,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -205,14 +210,55 @@ class PromptLibrary:
             os.remove(npy_path)
 
 
-def find_prompt_file(workdir: str) -> str:
-    """The single exported prompt ``.npy`` under a run's workdir (names containing 'prompt')."""
+def find_prompt_file(workdir: str) -> Optional[str]:
+    """The single exported prompt ``.npy`` under a run's workdir (names containing
+    'prompt'), or None when there is none."""
     hits = sorted(p for p in glob.glob(os.path.join(workdir, "**", "*.npy"), recursive=True)
                   if "prompt" in os.path.basename(p))
-    if len(hits) != 1:
-        raise LibraryError(f"{workdir}: expected exactly one exported prompt *prompt*.npy, found "
-                           f"{len(hits)}: {hits[:5]} (name the file with --prompt)")
-    return hits[0]
+    if len(hits) > 1:
+        raise LibraryError(f"{workdir}: expected one exported prompt *prompt*.npy, found "
+                           f"{len(hits)}: {hits[:5]} (pass the file explicitly)")
+    return hits[0] if hits else None
+
+
+def prompt_from_run(workdir: str) -> tuple[np.ndarray, str]:
+    """``(prompt [P, d], where)`` of a run: its exported ``*prompt*.npy`` if there is one,
+    else the ``prompt`` leaf of the delta the run saved at the end (``<workdir>/delta``)."""
+    path = find_prompt_file(workdir)
+    if path:
+        return np.load(path, allow_pickle=False), path
+    folder = os.path.join(workdir, "delta")
+    if not os.path.isfile(os.path.join(folder, delta_io.META_FILE)):
+        raise LibraryError(f"{workdir}: no exported *prompt*.npy and no saved delta ({folder}); "
+                           "is it a finished prompt-tuning run?")
+    delta, _ = delta_io.load_delta(folder)
+    prompts = delta_io.prompt_leaves(delta)
+    if len(prompts) != 1:
+        raise LibraryError(f"{folder}: expected one soft prompt in the run's delta, found "
+                           f"{sorted(prompts)} (config.peft.methods must include 'prompt')")
+    (name, arr), = prompts.items()
+    return np.asarray(arr), f"{folder}:{name}"
+
+
+def run_metadata(workdir: str, metric: str = "accuracy") -> dict:
+    """Library metadata of a finished run from its ``result.json`` (and the saved delta's
+    ``delta.json``): task, base_id / base_hash, init, seed, steps, the dev ``metric`` (best
+    value when the run kept one) -> keyword arguments of :meth:`PromptLibrary.add`."""
+    delta_meta = _delta_meta(workdir)
+    row = read_result(workdir)
+    if row.get("status") != "finished":
+        raise LibraryError(f"{workdir}: run status is {row.get('status')!r}, not 'finished'")
+    cfg = row.get("config", {})
+    value = (row.get("best") or {}).get(metric, (row.get("metrics") or {}).get(metric))
+    bid = delta_meta.get("base_id") or cfg.get("model.name") or cfg.get("model.path") or cfg.get("model.id")
+    if not bid:
+        raise LibraryError(f"{workdir}: result.json config has no model.name/model.path; pass base_id")
+    if not cfg.get("task.name"):
+        raise LibraryError(f"{workdir}: result.json config has no task.name")
+    seed = cfg.get("seed", cfg.get("train.seed"))
+    return dict(task=cfg["task.name"], base_id=bid, base_hash=delta_meta.get("base_hash") or cfg.get("model.hash"),
+                init=cfg.get("peft.prompt.init"), seed=seed, steps=row.get("steps") or cfg.get("train.steps"),
+                metric=metric if value is not None else None, metric_value=value)
 
 
 def read_result(workdir: str) -> dict:
@@ -238,31 +284,38 @@ def add_from_run(library: PromptLibrary, workdir: str, name: Optional[str] = Non
                  prompt_file: Optional[str] = None, metric: str = "accuracy",
                  base_id: Optional[str] = None, base_hash: Optional[str] = None,
                  overwrite: bool = False) -> PromptMeta:
-    """Add a finished run's exported prompt, taking metadata from its ``result.json``.
-
-    Base model: explicit arguments, else ``base_id``/``base_hash`` of a ``delta.json``
-    (peft_jax.peft.delta_io) under the workdir, else config keys ``model.name``/``model.path``
-    and ``model.hash``. Also uses ``task.name``, ``peft.prompt.init``, ``train.steps``.
-    """
-    delta_meta = _delta_meta(workdir)
-    base_id = base_id or delta_meta.get("base_id")
-    base_hash = base_hash or delta_meta.get("base_hash")
+    """Add a finished run's prompt (``prompt_file``, else :func:`prompt_from_run`: an
+    exported ``.npy`` or the run's ``delta/``) with :func:`run_metadata`; ``base_id`` /
+    ``base_hash`` override what the run recorded."""
+    meta = run_metadata(workdir, metric)
+    meta["base_id"] = base_id or meta["base_id"]
+    meta["base_hash"] = base_hash or meta["base_hash"]
+    arr = np.load(prompt_file, allow_pickle=False) if prompt_file else prompt_from_run(workdir)[0]
     row = read_result(workdir)
-    if row.get("status") != "finished":
-        raise LibraryError(f"{workdir}: run status is {row.get('status')!r}, not 'finished'")
-    cfg = row.get("config", {})
-    best = row.get("best") or {}
-    metrics = row.get("metrics") or {}
-    value = best.get(metric, metrics.get(metric))
-    bid = base_id or cfg.get("model.name") or cfg.get("model.path") or cfg.get("model.id")
-    if not bid:
-        raise LibraryError(f"{workdir}: result.json config has no model.name/model.path; pass base_id")
-    task = cfg.get("task.name")
-    if not task:
-        raise LibraryError(f"{workdir}: result.json config has no task.name")
-    arr = np.load(prompt_file or find_prompt_file(workdir), allow_pickle=False)
     return library.add(name or row.get("name") or os.path.basename(os.path.abspath(workdir)), arr,
-                       task=task, base_id=bid, base_hash=base_hash or cfg.get("model.hash"),
-                       init=cfg.get("peft.prompt.init"), steps=cfg.get("train.steps"),
-                       metric=metric if value is not None else None, metric_value=value,
-                       source=os.path.abspath(workdir), overwrite=overwrite)
+                       source=os.path.abspath(workdir), overwrite=overwrite, **meta)
+
+
+# Below this many training steps, prompts that started from the same init mostly still
+# look like it (the issue's 20-step prompts: sst2/trec 0.93 token cosine).
+MIN_STEPS_APART = 1000
+
+
+def shared_init_warnings(metas, min_steps: int = MIN_STEPS_APART) -> list[str]:
+    """Warnings for pairs of compared prompts that started from the same random init
+    (same ``init`` and ``seed``, not loaded from a file) while one of them trained fewer than
+    ``min_steps`` steps: their similarity then mostly measures the shared start, not the
+    tasks. SPoT (Vu et al. 2022) avoids it by training every prompt to convergence."""
+    groups: dict[tuple, list] = {}
+    for m in metas:
+        if m.init and m.init != "file" and m.seed is not None:
+            groups.setdefault((m.init, m.seed), []).append(m)
+    out = []
+    for (init, seed), ms in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        short = [m for m in ms if m.steps is not None and m.steps < min_steps]
+        if len(ms) > 1 and short:
+            out.append(f"warning: prompts {[m.name for m in ms]} share init={init!r} seed={seed} and "
+                       f"{[m.name for m in short]} trained < {min_steps} steps "
+                       f"({sorted({m.steps for m in short})}): their similarity mostly measures the "
+                       "shared init; train longer or use different seeds")
+    return out
