@@ -97,19 +97,14 @@ def load_model(folder: str, dropout_impl: str = "hash"):
     the workers get token ids from ``tokens.npz``); ``dropout_impl``: the config's dropout
     mask generator (``peft_jax.models.layers.dropout_keep_mask``)."""
     import dataclasses
-    import importlib
 
-    from peft_jax.models import hf_io, registry
+    from peft_jax.models import registry
 
-    model_type = hf_io.read_config(folder).get("model_type")
-    if model_type not in registry.FAMILIES:
-        raise hf_io.CheckpointError(f"{folder}/config.json: model_type={model_type!r} not supported")
-    module = importlib.import_module(registry.FAMILIES[model_type])
-    config, base = module.load_hf(folder)
+    family = registry.family_of(folder)
+    config, base = family.load(folder)
     if hasattr(config, "dropout_impl"):
         config = dataclasses.replace(config, dropout_impl=dropout_impl)
-    return registry.Pretrained(name=folder, module=module, config=config, base=base,
-                               tokenizer=None, kind=registry._kind(model_type))
+    return registry.Pretrained(name=folder, family=family, config=config, base=base, tokenizer=None)
 
 
 def setup(folder: str, method: str, hp: common.MethodHParams, bf16: bool, remat: str,

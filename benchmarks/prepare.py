@@ -37,21 +37,19 @@ def model_spec(pre_kind: str, config, num_labels: int = 2) -> dict:
 
 
 def _tiny(model: str):
-    """(family module, config, random base) of a tiny config (``--quick``)."""
+    """(family, config, random base) of a tiny config (``--quick``)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     if model == "minilm":
-        from peft_jax.models import bert as fam
-        config = fam.BertConfig.tiny(max_position_embeddings=128)
-        cls = fam.BertModel
+        from peft_jax.models.bert import BERT as fam
+        config = fam.config_class.tiny(max_position_embeddings=128)
     else:
-        from peft_jax.models import llama as fam
-        config = fam.LlamaConfig.tiny(max_position_embeddings=128, tie_word_embeddings=True)
-        cls = fam.LlamaModel
+        from peft_jax.models.llama import LLAMA as fam
+        config = fam.config_class.tiny(max_position_embeddings=128, tie_word_embeddings=True)
     ids = jnp.ones((1, 8), jnp.int32)
-    base = nn.meta.unbox(cls(config=config).init(jax.random.PRNGKey(0), ids)["params"])
+    base = nn.meta.unbox(fam.build(config).init(jax.random.PRNGKey(0), ids)["params"])
     return fam, config, jax.tree.map(np.asarray, base)
 
 
@@ -59,7 +57,7 @@ def prepare(model: str, out: str, examples: int, data_dir: str, quick: bool, see
     os.makedirs(out, exist_ok=True)
     if quick:
         fam, config, base = _tiny(model)
-        fam.save_hf(out, config, base)
+        fam.save(out, config, base)
         kind = "decoder" if model == "smollm2" else "encoder"
         pad_id = int(getattr(config, "pad_token_id", 0) or 0)
         rows = common.synthetic_token_ids(examples, config.vocab_size, seed, pad_id)

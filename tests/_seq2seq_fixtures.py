@@ -122,7 +122,7 @@ def write_tiny_t5(folder: str, tokenizer, version: str = "v1.1", seed: int = 0,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            decoder_start_token_id=tokenizer.pad_token_id, **arch)
     base = _random_base(t5.T5Model(cfg), seed, decoder_input_ids=jnp.ones((1, 2), jnp.int32))
-    t5.save_hf(folder, cfg, base)
+    t5.T5.save(folder, cfg, base)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -135,7 +135,7 @@ def write_tiny_llama(folder: str, tokenizer, seed: int = 0) -> str:
                                  bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
-    llama.save_hf(folder, cfg, _random_base(llama.LlamaModel(cfg), seed))
+    llama.LLAMA.save(folder, cfg, _random_base(llama.LlamaModel(cfg), seed))
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -46,7 +46,7 @@ def write_tiny_bert(folder: str, tokenizer_src: str, seed: int = 0, dropout: flo
                                initializer_range=init_std)
     model = bert.BertModel(cfg)
     base = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.ones((1, 8), jnp.int32))["params"])
-    bert.save_hf(folder, cfg, jax.device_get(base))
+    bert.BERT.save(folder, cfg, jax.device_get(base))
     AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
     return folder
 

@@ -88,7 +88,7 @@ def test_parity_with_transformers(model_type, mlm):
     # RoBERTa with relu: its MLM head must still use exact GELU, as RobertaLMHead does.
     cfg = tiny(model_type, mlm, hidden_act="gelu_new" if model_type == "bert" else "relu")
     tm = torch_model(cfg)
-    base = bert.params_from_hf(state_dict_np(tm), cfg)
+    base = bert.BERT.params_from_hf(state_dict_np(tm), cfg)
     ids, mask, types = batch(cfg)
     ref = run_torch(tm, ids, mask, types)
     out = bert.BertModel(cfg).apply({"params": base}, jnp.asarray(ids), jnp.asarray(mask),
@@ -121,7 +121,7 @@ def test_init_tree_matches_conversion_and_dropout_is_wired():
     ids, mask, types = batch(cfg)
     variables = model.init(jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask))
     init_params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
-    converted = bert.params_from_hf(bert.params_to_hf(init_params, cfg), cfg)
+    converted = bert.BERT.params_from_hf(bert.BERT.params_to_hf(init_params, cfg), cfg)
     assert jax.tree.structure(init_params) == jax.tree.structure(converted)
     jax.tree.map(np.testing.assert_array_equal, init_params, converted)
     # every leaf carries logical axis names
@@ -159,13 +159,14 @@ def test_hf_module_names_exist_in_torch_model():
                 if keys:
                     paths.add("/".join(keys))
             for p in paths:
-                name = bert.hf_module_name(p, model_type)
+                name = bert.BERT.hf_module_name(p, cfg)
                 full = name if p.startswith("mlm_head") else prefix + name
                 assert full in torch_names, (p, full)
-    assert bert.hf_module_name("encoder/layer_3/attention/query") == "encoder.layer.3.attention.self.query"
-    assert bert.hf_module_name("encoder/layer_0/mlp/down") == "encoder.layer.0.output.dense"
+    cfg = tiny("bert", False)
+    assert bert.BERT.hf_module_name("encoder/layer_3/attention/query", cfg) == "encoder.layer.3.attention.self.query"
+    assert bert.BERT.hf_module_name("encoder/layer_0/mlp/down", cfg) == "encoder.layer.0.output.dense"
     with pytest.raises(ValueError, match="encoder/bogus"):
-        bert.hf_module_name("encoder/bogus")
+        bert.BERT.hf_module_name("encoder/bogus", cfg)
 
 
 # ----------------------------------------------------------------------------- slots
@@ -199,7 +200,7 @@ def test_soft_prompt_matches_hf_inputs_embeds(model_type):
     by prepending to ``inputs_embeds`` (RoBERTa: only pad positions may differ)."""
     cfg = tiny(model_type, True)
     tm = torch_model(cfg, seed=1)
-    base = bert.params_from_hf(state_dict_np(tm), cfg)
+    base = bert.BERT.params_from_hf(state_dict_np(tm), cfg)
     ids, mask, types = batch(cfg)
     ids, mask, types = ids[:3], mask[:3], types[:3]  # right padding only (HF embeds path)
     n = 4
@@ -227,7 +228,7 @@ def test_sublayer_slot_placement_matches_torch_hooks():
     """The hook acts after each sublayer's dropout, before residual add + LayerNorm."""
     cfg = tiny("bert", False)
     tm = torch_model(cfg, seed=2)
-    base = bert.params_from_hf(state_dict_np(tm), cfg)
+    base = bert.BERT.params_from_hf(state_dict_np(tm), cfg)
     for layer in tm.encoder.layer:
         layer.attention.output.dropout.register_forward_hook(lambda m, i, o: o + 0.5 * torch.tanh(o))
         layer.output.dropout.register_forward_hook(lambda m, i, o: o - 0.3 * torch.tanh(o))
@@ -260,7 +261,7 @@ def test_save_hf_loads_in_transformers(tmp_path, model_type):
     # non-trivial norms and biases
     base = jax.tree.map(lambda x: x + np.random.default_rng(x.size).normal(0, 0.05, x.shape)
                         .astype(np.float32), base)
-    bert.save_hf(str(tmp_path), cfg, base)
+    bert.BERT.save(str(tmp_path), cfg, base)
     tm, info = transformers.AutoModel.from_pretrained(str(tmp_path), output_loading_info=True)
     tm.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -272,7 +273,7 @@ def test_save_hf_loads_in_transformers(tmp_path, model_type):
     print(f"\nround trip {model_type}: max|hidden diff| {err:.3g}", end="")
     assert err <= TOL
     # and back through our own loader
-    cfg2, base2 = bert.load_hf(str(tmp_path))
+    cfg2, base2 = bert.BERT.load(str(tmp_path))
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, base, base2)
 
@@ -280,8 +281,8 @@ def test_save_hf_loads_in_transformers(tmp_path, model_type):
 def test_save_hf_with_mlm_head_loads_as_masked_lm(tmp_path):
     cfg = tiny("roberta", True)
     tm0 = torch_model(cfg, seed=4)
-    base = bert.params_from_hf(state_dict_np(tm0), cfg)
-    bert.save_hf(str(tmp_path), cfg, base)
+    base = bert.BERT.params_from_hf(state_dict_np(tm0), cfg)
+    bert.BERT.save(str(tmp_path), cfg, base)
     tm, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
     assert type(tm).__name__ == "RobertaForMaskedLM"
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -290,7 +291,7 @@ def test_save_hf_with_mlm_head_loads_as_masked_lm(tmp_path):
     out = bert.BertModel(cfg).apply({"params": base}, jnp.asarray(ids), jnp.asarray(mask),
                                     jnp.asarray(types))
     assert float(np.abs(np.asarray(out["logits"]) - ref.logits.numpy()).max()) <= TOL
-    cfg2, _ = bert.load_hf(str(tmp_path))  # head auto-detected, no pooler
+    cfg2, _ = bert.BERT.load(str(tmp_path))  # head auto-detected, no pooler
     assert cfg2.with_mlm_head and not cfg2.add_pooling_layer
 
 
@@ -309,7 +310,7 @@ def test_minilm_matches_sentence_transformers(minilm_path, shared_data):
     sentences = [ln.rsplit("\t", 1)[0].strip() for ln in lines[:32]]
     assert len(sentences) == 32 and all(sentences)
 
-    cfg, base = bert.load_hf(minilm_path)
+    cfg, base = bert.BERT.load(minilm_path)
     assert cfg.model_type == "bert" and cfg.num_layers == 6 and cfg.d_model == 384
     assert cfg.add_pooling_layer and not cfg.with_mlm_head  # keys have no 'bert.' prefix
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
@@ -362,15 +363,15 @@ def test_missing_and_misshapen_tensors_are_named():
     sd = state_dict_np(torch_model(cfg))
     missing = {k: v for k, v in sd.items() if k != "bert.encoder.layer.1.attention.self.value.weight"}
     with pytest.raises(CheckpointError, match=r"missing tensor 'bert\.encoder\.layer\.1\.attention\.self\.value\.weight'"):
-        bert.params_from_hf(missing, cfg)
+        bert.BERT.params_from_hf(missing, cfg)
     bad = dict(sd)
     bad["cls.predictions.transform.dense.bias"] = np.zeros(cfg.d_model + 1, np.float32)
     with pytest.raises(CheckpointError, match=r"'cls\.predictions\.transform\.dense\.bias' has shape \(33,\)"):
-        bert.params_from_hf(bad, cfg)
+        bert.BERT.params_from_hf(bad, cfg)
     untied = dict(sd)
     untied["cls.predictions.decoder.weight"] = sd["cls.predictions.decoder.weight"] + 1.0
     with pytest.raises(CheckpointError, match="untied"):
-        bert.params_from_hf(untied, cfg)
+        bert.BERT.params_from_hf(untied, cfg)
 
 
 def test_old_layernorm_names_are_accepted():
@@ -379,37 +380,37 @@ def test_old_layernorm_names_are_accepted():
     renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
                for k, v in sd.items()}
     assert any(k.endswith("gamma") for k in renamed)
-    jax.tree.map(np.testing.assert_array_equal, bert.params_from_hf(sd, cfg),
-                 bert.params_from_hf(renamed, cfg))
+    jax.tree.map(np.testing.assert_array_equal, bert.BERT.params_from_hf(sd, cfg),
+                 bert.BERT.params_from_hf(renamed, cfg))
 
 
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bert.BertConfig.tiny().to_hf()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*[Cc]onvert"):
-        bert.load_hf(str(tmp_path))
+        bert.BERT.load(str(tmp_path))
 
 
 def test_truncated_safetensors_is_a_clear_error(tmp_path):
     cfg = tiny("bert", False)
-    bert.save_hf(str(tmp_path), cfg, bert.params_from_hf(state_dict_np(torch_model(cfg)), cfg))
+    bert.BERT.save(str(tmp_path), cfg, bert.BERT.params_from_hf(state_dict_np(torch_model(cfg)), cfg))
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupted"):
-        bert.load_hf(str(tmp_path))
+        bert.BERT.load(str(tmp_path))
 
 
 def test_with_mlm_head_required_but_absent(tmp_path):
     cfg = tiny("bert", False)
-    bert.save_hf(str(tmp_path), cfg, bert.params_from_hf(state_dict_np(torch_model(cfg)), cfg))
+    bert.BERT.save(str(tmp_path), cfg, bert.BERT.params_from_hf(state_dict_np(torch_model(cfg)), cfg))
     with pytest.raises(CheckpointError, match="missing tensor 'cls.predictions.transform.dense.weight'"):
-        bert.load_hf(str(tmp_path), with_mlm_head=True)
+        bert.BERT.load(str(tmp_path), with_mlm_head=True)
 
 
 def test_bf16_compute_stays_close_to_fp32():
     cfg = tiny("roberta", True)
-    base = bert.params_from_hf(state_dict_np(torch_model(cfg)), cfg)
+    base = bert.BERT.params_from_hf(state_dict_np(torch_model(cfg)), cfg)
     ids, mask, types = batch(cfg)
     f32 = bert.BertModel(cfg).apply({"params": base}, jnp.asarray(ids), jnp.asarray(mask))
     b16 = bert.BertModel(cfg, dtype=jnp.bfloat16).apply({"params": base}, jnp.asarray(ids),

@@ -83,7 +83,7 @@ def tiny_mlm(tmp_path_factory, minilm_path):
     base = nn.meta.unbox(bert.BertModel(cfg).init(jax.random.PRNGKey(0),
                                                   jnp.ones((1, 8), jnp.int32))["params"])
     folder = str(root / "model")
-    bert.save_hf(folder, cfg, jax.device_get(base))
+    bert.BERT.save(folder, cfg, jax.device_get(base))
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
     return folder, write_task(str(root / "data"))
 

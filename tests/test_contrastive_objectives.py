@@ -52,8 +52,8 @@ def tiny():
     config = bert.BertConfig.tiny(hidden_dropout=0.1, attention_dropout=0.1)
     boxed = bert.BertModel(config).init(jax.random.PRNGKey(0), jnp.ones((2, 8), jnp.int32))["params"]
     base = jax.tree.map(np.asarray, nn.meta.unbox(boxed))
-    return Pretrained(name="tiny", module=bert, config=config, base=base,
-                      tokenizer=WordTokenizer(), kind="encoder")
+    return Pretrained(name="tiny", family=bert.BERT, config=config, base=base,
+                      tokenizer=WordTokenizer())
 
 
 def _batch(n=8, length=24):

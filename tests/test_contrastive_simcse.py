@@ -40,8 +40,8 @@ def tiny():
     ids = jnp.ones((2, 8), jnp.int32)
     boxed = model.init(jax.random.PRNGKey(0), ids)["params"]
     base = jax.tree.map(np.asarray, nn.meta.unbox(boxed))
-    return Pretrained(name="tiny", module=bert, config=config, base=base,
-                      tokenizer=WordTokenizer(), kind="encoder")
+    return Pretrained(name="tiny", family=bert.BERT, config=config, base=base,
+                      tokenizer=WordTokenizer())
 
 
 def _batch(n=8, length=16):

@@ -69,7 +69,7 @@ def test_mlm_prompt_equals_tokenizing_the_rendered_prompt(shared_data, bert_tok)
     for name in ("sst2", "lmbff/rte", "lmbff/mrpc", "trec", "lmbff/qnli"):
         task = get_task(name)
         ex = task.load("test" if name != "sst2" else "dev", str(shared_data))[:30]
-        enc = encode_prompt(ex, None, None, bert_tok, "mlm", max_len=512, task=task)
+        enc = encode_prompt(ex, None, None, bert_tok, "encoder", max_len=512, task=task)
         tmpl = parse_template(task.template, task.text_fields)
         lw = enc.constants["label_word_ids"]
         assert lw.shape[1:] == (1, 1)
@@ -89,7 +89,7 @@ def test_multi_token_label_words_and_truncation(shared_data, bert_tok):
     task = get_task("sst2")
     ex = task.load("train", str(shared_data))[:50]
     verb = {"negative": ["terrible", "awful"], "positive": ["great", "wonderfully"]}
-    enc = encode_prompt(ex, "{sentence} All in all, it was {mask}.", verb, bert_tok, "mlm", max_len=16, task=task)
+    enc = encode_prompt(ex, "{sentence} All in all, it was {mask}.", verb, bert_tok, "encoder", max_len=16, task=task)
     lw = enc.constants["label_word_ids"]
     T = lw.shape[-1]
     assert lw.shape == (2, 2, T) and T == len(bert_tok("wonderfully", add_special_tokens=False)["input_ids"]) > 1
@@ -105,14 +105,14 @@ def test_multi_token_label_words_and_truncation(shared_data, bert_tok):
         n = len(bert_tok(e["sentence"], add_special_tokens=False)["input_ids"])
         assert len(ids) == min(16, n + len(tail) + T + 3)  # [CLS] sentence tail masks . [SEP]
     with pytest.raises(DataError, match="leaves"):
-        encode_prompt(ex, None, None, bert_tok, "mlm", max_len=5, task=task)
+        encode_prompt(ex, None, None, bert_tok, "encoder", max_len=5, task=task)
 
 
 def test_truncate_side_left_keeps_the_end(bert_tok):
     ex = [{"sentence": "one two three four five six seven eight nine ten", "label": 1}]
     task = get_task("sst2")
-    right = encode_prompt(ex, None, None, bert_tok, "mlm", max_len=10, task=task)
-    left = encode_prompt(ex, None, None, bert_tok, "mlm", max_len=10, task=task, truncate_side="left")
+    right = encode_prompt(ex, None, None, bert_tok, "encoder", max_len=10, task=task)
+    left = encode_prompt(ex, None, None, bert_tok, "encoder", max_len=10, task=task, truncate_side="left")
     assert bert_tok.decode(right.features["input_ids"][0]) == "[CLS] one two three four it was [MASK]. [SEP]"
     assert bert_tok.decode(left.features["input_ids"][0]) == "[CLS] seven eight nine ten it was [MASK]. [SEP]"
 
@@ -122,7 +122,7 @@ def test_demonstrations_are_appended_with_label_words(shared_data, bert_tok):
     train = task.load("train-13", str(shared_data))
     queries = task.load("test", str(shared_data))[:5]
     demos = select_demonstrations(queries, train, seed=0)
-    enc = encode_prompt(queries, None, None, bert_tok, "mlm", max_len=512, task=task, demonstrations=demos)
+    enc = encode_prompt(queries, None, None, bert_tok, "encoder", max_len=512, task=task, demonstrations=demos)
     tmpl = parse_template(task.template)
     for i, q in enumerate(queries):
         text = tmpl.render(q, bert_tok.mask_token)
@@ -130,7 +130,7 @@ def test_demonstrations_are_appended_with_label_words(shared_data, bert_tok):
         assert list(enc.features["input_ids"][i]) == bert_tok(text, d)["input_ids"]
         (pos,) = enc.scalars["mask_pos"][i]
         assert enc.features["input_ids"][i][pos] == bert_tok.mask_token_id
-    short = encode_prompt(queries, None, None, bert_tok, "mlm", max_len=48, task=task, demonstrations=demos)
+    short = encode_prompt(queries, None, None, bert_tok, "encoder", max_len=48, task=task, demonstrations=demos)
     assert max(len(x) for x in short.features["input_ids"]) <= 48
     assert all(ids[p[0]] == bert_tok.mask_token_id
                for ids, p in zip(short.features["input_ids"], short.scalars["mask_pos"]))
@@ -139,7 +139,7 @@ def test_demonstrations_are_appended_with_label_words(shared_data, bert_tok):
 def test_causal_prompt_smollm2(shared_data, smol_tok):
     task = get_task("sst2")
     ex = task.load("dev", str(shared_data))[:20]
-    enc = encode_prompt(ex, None, None, smol_tok, "causal", max_len=128, task=task)
+    enc = encode_prompt(ex, None, None, smol_tok, "decoder", max_len=128, task=task)
     lw = enc.constants["label_word_ids"]
     # byte-level BPE: the label word carries the template's space (' great', not 'great')
     assert lw[1, 0, 0] == smol_tok(" great", add_special_tokens=False)["input_ids"][0]
@@ -148,18 +148,18 @@ def test_causal_prompt_smollm2(shared_data, smol_tok):
         ids = list(enc.features["input_ids"][i])
         assert ids == smol_tok(e["sentence"] + " It was", add_special_tokens=False)["input_ids"]
         assert enc.scalars["mask_pos"][i].tolist() == [len(ids) - 1]
-    gold = encode_prompt(ex, None, None, smol_tok, "causal", max_len=128, task=task, include_answer=True)
+    gold = encode_prompt(ex, None, None, smol_tok, "decoder", max_len=128, task=task, include_answer=True)
     for i, e in enumerate(ex):
         ids = gold.features["input_ids"][i]
         p = gold.scalars["mask_pos"][i][0]
         assert ids[p + 1] == lw[e["label"], 0, 0] and len(ids) == p + 2
         assert list(ids[:p + 1]) == list(enc.features["input_ids"][i])
-    chat = encode_prompt(ex[:2], None, None, smol_tok, "causal", max_len=256, task=task, chat=True)
+    chat = encode_prompt(ex[:2], None, None, smol_tok, "decoder", max_len=256, task=task, chat=True)
     text = smol_tok.decode(chat.features["input_ids"][0])
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert ex[0]["sentence"].strip() in text
     with pytest.raises(DataError, match="no mask token"):
-        encode_prompt(ex, None, None, smol_tok, "mlm", task=task)
+        encode_prompt(ex, None, None, smol_tok, "encoder", task=task)
 
 
 def test_text_to_text_targets(shared_data):

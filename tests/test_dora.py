@@ -88,7 +88,7 @@ def test_dora_exported_by_us_loads_in_hf_peft(family, request, tmp_path):
     dora = DoRA(targets=TARGETS[family][0], rank=4, alpha=16.0, use_rslora=True,
                 rank_pattern={"(up|down)": 2})
     delta = _randomize(f.init([dora]), 7)
-    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.names)
     cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
     n_mag = sum(k.endswith(".lora_magnitude_vector") for k in H.read_adapter(folder)[1])
@@ -120,15 +120,15 @@ def test_dora_saved_by_hf_peft_imports(family, request, tmp_path):
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
     pm.save_pretrained(str(tmp_path / "a"))
     delta, info = H.import_hf_peft(str(tmp_path / "a"), base=f.base,
-                                   hf_module_name=f.mod.hf_module_name)
+                                   hf_module_name=f.names)
     dora = info["method"]
     assert isinstance(dora, DoRA) and info["kind"] == "dora"
     assert len(tree.leaves_named(delta, "lora_magnitude")) == 6
     assert f.compare(f.ours([dora], delta), f.theirs(pm)) <= TOL
     # and back: our export of the import is bit-identical on re-import
-    H.export_method(str(tmp_path / "b"), delta, dora, hf_module_name=f.mod.hf_module_name)
+    H.export_method(str(tmp_path / "b"), delta, dora, hf_module_name=f.names)
     again, info2 = H.import_hf_peft(str(tmp_path / "b"), base=f.base,
-                                    hf_module_name=f.mod.hf_module_name)
+                                    hf_module_name=f.names)
     _assert_bit_exact(delta, again)
     assert info2["method"] == dora
 
@@ -137,14 +137,14 @@ def test_lora_adapter_is_not_read_as_dora_and_missing_magnitudes_are_refused(fam
     f = fam_bert
     lora = LoRA(rank=2)
     delta = _randomize(f.init([lora]), 3)
-    H.export_method(str(tmp_path / "lora"), delta, lora, hf_module_name=f.mod.hf_module_name)
+    H.export_method(str(tmp_path / "lora"), delta, lora, hf_module_name=f.names)
     _, info = H.import_hf_peft(str(tmp_path / "lora"), base=f.base,
-                               hf_module_name=f.mod.hf_module_name)
+                               hf_module_name=f.names)
     assert type(info["method"]) is LoRA
     path = tmp_path / "lora" / "adapter_config.json"
     json.dump(dict(json.load(open(path)), use_dora=True), open(path, "w"))
     with pytest.raises(H.CheckpointError, match="use_dora=true but no magnitude vector"):
-        H.import_hf_peft(str(tmp_path / "lora"), base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(str(tmp_path / "lora"), base=f.base, hf_module_name=f.names)
 
 
 # ----------------------------------------------------------------------------- dropout path
@@ -197,11 +197,11 @@ def test_merged_equals_unmerged_and_hf_merged_weights(fam_bert, tmp_path):
     with pytest.raises(NotSupported, match="cannot be unmerged"):
         dora.unmerge(merged, delta)
     # the merged kernels equal HF PEFT's merge_and_unload of the exported adapter
-    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.names)
     hf_merged = _peft_from(f.hf_model(), folder).merge_and_unload().state_dict()
     paths = [p for p, _ in tree.modules_with(delta, "lora_magnitude")]
     for p, k in _kernels(merged, paths).items():
-        w = hf_merged[f.mod.hf_module_name(p) + ".weight"].numpy().T
+        w = hf_merged[f.names(p) + ".weight"].numpy().T
         assert np.max(np.abs(k - w)) <= 1e-6, p
         assert np.max(np.abs(k - np.asarray(tree.get(f.base, p + "/kernel")))) > 1e-3
 
@@ -215,7 +215,7 @@ def test_one_step_gradients_match_torch(fam_bert, tmp_path):
     f = fam_bert
     dora = DoRA(targets=TARGETS["bert"][0], rank=4, alpha=8.0)
     delta = _randomize(f.init([dora]), 13)
-    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, dora, hf_module_name=f.names)
     pm = _peft_from(f.hf_model(), folder)
     for n, p in pm.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -239,7 +239,7 @@ def test_one_step_gradients_match_torch(fam_bert, tmp_path):
     for p, gr in grads.items():
         leaf, mod = tree.leaf_name(p), tree.parent(p)
         suffix, transpose = names[leaf]
-        hg = hf_params[f"base_model.model.{f.mod.hf_module_name(mod)}.{suffix}"].grad.numpy()
+        hg = hf_params[f"base_model.model.{f.names(mod)}.{suffix}"].grad.numpy()
         hg = hg.T if transpose else hg
         scale = max(1.0, float(np.max(np.abs(hg))))
         err = float(np.max(np.abs(np.asarray(gr) - hg))) / scale

@@ -194,7 +194,7 @@ def test_demonstrations_fit_the_length_limit(minilm_path):
     pool = [{"sentence": long + " a", "label": 0}, {"sentence": long + " b", "label": 1}]
     demos = select_demonstrations(queries, pool, seed=0, num_classes=2)
     enc = encode_prompt(queries, "{sentence} It was {mask}.", ["terrible", "great"], tok,
-                        family="mlm", max_len=48, task=task, demonstrations=demos)
+                        kind="encoder", max_len=48, task=task, demonstrations=demos)
     ids = np.asarray(enc.features["input_ids"])
     am = np.asarray(enc.features["attention_mask"])
     assert am.sum(1).max() <= 48

@@ -171,7 +171,7 @@ def test_tiny_gguf_round_trip_undoes_the_qk_permutation(tmp_path):
     base = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(
         model.init(jax.random.PRNGKey(0), np.ones((1, 3), np.int32))["params"]))
     base = jax.tree_util.tree_map(lambda a: a + rng.normal(0, 0.1, a.shape).astype(np.float32), base)
-    tensors = llama.params_to_hf(base, config)
+    tensors = llama.LLAMA.params_to_hf(base, config)
     path = str(tmp_path / "tiny.gguf")
     write_tiny_gguf(path, config, tensors)
     got_config, got, tok = G.load_gguf(path, with_tokenizer=False)
@@ -190,7 +190,7 @@ def test_gguf_bad_metadata_and_shapes_are_named(tmp_path):
     model = llama.LlamaModel(config)
     base = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(
         model.init(jax.random.PRNGKey(0), np.ones((1, 3), np.int32))["params"]))
-    tensors = llama.params_to_hf(base, config)
+    tensors = llama.LLAMA.params_to_hf(base, config)
     path = str(tmp_path / "yarny.gguf")
     write_tiny_gguf(path, config, tensors, rope_scaling="yarn")
     with pytest.raises(CheckpointError, match=r"yarny\.gguf.*rope\.scaling\.type='yarn'"):

@@ -42,14 +42,15 @@ def _randomize(delta, seed, scale=0.3):
 class Family:
     def __init__(self, name, config, model_cls, hf_cls, folder):
         self.name, self.config, self.model_cls = name, config, model_cls
-        self.mod = bert if name == "bert" else llama
+        self.fam = bert.BERT if name == "bert" else llama.LLAMA
+        self.names = lambda p: self.fam.hf_module_name(p, config)
         base = model_cls(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
         self.base = jax.tree.map(np.asarray, nn.meta.unbox(base))
         if name == "bert":  # random LayerNorm params too, so nothing hides behind 1/0
             rng = np.random.default_rng(5)
             self.base = jax.tree.map(lambda x: (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32),
                                      self.base)
-        self.mod.save_hf(folder, config, self.base)
+        self.fam.save(folder, config, self.base)
         self.folder = folder
         self.hf_cls = hf_cls
         self.ids = np.array([[5, 17, 23, 42, 8, 9], [11, 12, 13, 14, 15, 16]], np.int64)
@@ -117,7 +118,7 @@ def _assert_bit_exact(a, b):
 
 def test_round_trip_bit_exact_every_kind(fam_bert, tmp_path):
     f = fam_bert
-    name_fn = f.mod.hf_module_name
+    name_fn = f.names
     lora = LoRA(targets=r".*/(query|value|up)$", rank=4, alpha=8.0, rank_pattern={"up": 2},
                 alpha_pattern={"layer_1/attention/value": 3.0})
     delta = _randomize(f.init([lora]), 1)
@@ -165,7 +166,7 @@ def test_lora_exported_by_us_loads_in_hf_peft(family, request, tmp_path):
     lora = LoRA(targets=r".*/(query|value|down)$", rank=4, alpha=16.0, use_rslora=True,
                 rank_pattern={"down": 2})
     delta = _randomize(f.init([lora]), 7)
-    folder = H.export_method(str(tmp_path / "a"), delta, lora, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, lora, hf_module_name=f.names)
     theirs = f.theirs(_peft_from(f.hf_model(), folder))
     plain = f.theirs(f.hf_model())
     assert np.max(np.abs(theirs - plain)) > 1e-2  # the adapter really acts
@@ -183,7 +184,7 @@ def test_lora_saved_by_hf_peft_imports(family, request, tmp_path):
     pm = peft.get_peft_model(f.hf_model(), cfg).eval()
     pm.save_pretrained(str(tmp_path / "a"))
     delta, info = H.import_hf_peft(str(tmp_path / "a"), base=f.base,
-                                   hf_module_name=f.mod.hf_module_name)
+                                   hf_module_name=f.names)
     n_tensors = len(H.read_adapter(str(tmp_path / "a"))[1])
     assert 2 * len(info["modules"]) == n_tensors and n_tensors > 0
     assert f.compare(f.ours([info["method"]], delta), f.theirs(pm)) <= TOL
@@ -196,7 +197,7 @@ def test_ia3_both_directions_bert(fam_bert, tmp_path):
     f = fam_bert
     ia3 = IA3()
     delta = _randomize(f.init([ia3]), 8)
-    folder = H.export_method(str(tmp_path / "ours"), delta, ia3, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "ours"), delta, ia3, hf_module_name=f.names)
     assert f.compare(f.ours([ia3], delta), f.theirs(_peft_from(f.hf_model(), folder))) <= TOL
 
     cfg = peft.IA3Config(target_modules=["key", "value", "output.dense"],
@@ -205,7 +206,7 @@ def test_ia3_both_directions_bert(fam_bert, tmp_path):
     pm = peft.get_peft_model(f.hf_model(), cfg).eval()
     pm.save_pretrained(str(tmp_path / "hf"))
     delta, info = H.import_hf_peft(str(tmp_path / "hf"), base=f.base,
-                                   hf_module_name=f.mod.hf_module_name)
+                                   hf_module_name=f.names)
     assert info["method"].is_feedforward("encoder/layer_0/attention/out")  # attention.output.dense too
     assert f.compare(f.ours([info["method"]], delta), f.theirs(pm)) <= TOL
 
@@ -275,24 +276,24 @@ def test_import_errors(fam_bert, tmp_path):
     lora = LoRA(rank=2)
     delta = _randomize(f.init([lora]), 11)
     folder = str(tmp_path / "a")
-    H.export_method(folder, delta, lora, hf_module_name=f.mod.hf_module_name)
+    H.export_method(folder, delta, lora, hf_module_name=f.names)
     # a module this model does not have (an adapter made for a deeper model)
     other = _rename_module(folder, tmp_path / "b", "layer.1.", "layer.11.")
     with pytest.raises(CheckpointError, match=r"module 'encoder.layer.11.attention.self.query', "
                                               r"which this model does not have"):
-        H.import_hf_peft(other, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(other, base=f.base, hf_module_name=f.names)
     cfg_path = os.path.join(folder, "adapter_config.json")
     cfg = json.load(open(cfg_path))
     json.dump(dict(cfg, lora_bias=True), open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"lora_bias=True is not supported"):
-        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.names)
     json.dump(dict(cfg, peft_type="LOHA"), open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"peft_type='LOHA' is not supported"):
-        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.names)
     json.dump(dict(cfg, r=3), open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"lora_A.weight' is float32\[2, 32\].* expects "
                                               r"float32\[3, 32\]"):
-        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.names)
     # a tensor that is no LoRA tensor, under a module the model has: refused by its header
     # entry (named, with its size) before any tensor is read
     from safetensors.numpy import load_file, save_file
@@ -303,11 +304,11 @@ def test_import_errors(fam_bert, tmp_path):
     save_file(dict(tensors, **{extra: np.ones((3, 5), np.float32)}), wpath)
     with pytest.raises(CheckpointError, match=re.escape(f"unexpected tensor(s) '{extra}' "
                                                         "float32[3, 5] (60 B) that a LORA adapter")):
-        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.names)
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
     open(os.path.join(folder, "adapter_model.bin"), "wb").write(b"\x80\x04")
     with pytest.raises(CheckpointError, match=r"only adapter_model.bin \(pickle\)"):
-        H.import_hf_peft(folder, base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(folder, base=f.base, hf_module_name=f.names)
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         H.import_hf_peft(str(tmp_path))
     with pytest.raises(ValueError, match="placement='suffix'"):

@@ -46,7 +46,7 @@ def hf_model(config: llama.LlamaConfig, seed: int = 0):
 
 
 def convert(model, config):
-    return llama.params_from_hf({k: v.detach().numpy() for k, v in model.state_dict().items()}, config)
+    return llama.LLAMA.params_from_hf({k: v.detach().numpy() for k, v in model.state_dict().items()}, config)
 
 
 def hf_logits(model, ids, mask, positions=None, **kw):
@@ -356,7 +356,7 @@ def test_save_hf_round_trip(tmp_path, name):
     model = llama.LlamaModel(config)
     base = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(
         model.init(jax.random.PRNGKey(7), jnp.ones((1, 4), jnp.int32))["params"]))
-    llama.save_hf(str(tmp_path), config, base)
+    llama.LLAMA.save(str(tmp_path), config, base)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     assert type(hf).__name__ == llama._ARCHITECTURES[config.model_type]
@@ -367,7 +367,7 @@ def test_save_hf_round_trip(tmp_path, name):
     diff = np.abs(ours - ref)[mask.astype(bool)].max()
     print(f"{name} round trip: max |logits diff| = {diff:.3g}")
     assert diff <= TOL
-    config2, base2 = llama.load_hf(str(tmp_path))
+    config2, base2 = llama.LLAMA.load(str(tmp_path))
     assert config2 == config
     for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(base2)):
         np.testing.assert_array_equal(a, b)
@@ -382,10 +382,10 @@ def test_hf_module_names_exist_in_transformers():
              for path, _ in jax.tree_util.tree_flatten_with_path(base)[0]}
     paths |= {"decoder/layer_0", "decoder/layer_1/attention", "decoder/layer_1/mlp"}
     for p in sorted(paths):
-        assert llama.hf_module_name(p) in names, p
-    assert llama.hf_module_name("decoder/layer_1/attention/value") == "model.layers.1.self_attn.v_proj"
+        assert llama.LLAMA.hf_module_name(p, config) in names, p
+    assert llama.LLAMA.hf_module_name("decoder/layer_1/attention/value", config) == "model.layers.1.self_attn.v_proj"
     with pytest.raises(ValueError, match="no Hugging Face module"):
-        llama.hf_module_name("encoder/layer_0")
+        llama.LLAMA.hf_module_name("encoder/layer_0", config)
 
 
 def test_from_hf_reads_transformers_configs():
@@ -446,16 +446,16 @@ def test_shape_mismatch_and_missing_tensor_name_the_tensor(tmp_path):
     bad["model.layers.1.self_attn.k_proj.weight"] = np.zeros((config.num_heads * config.head_dim,
                                                               config.d_model), np.float32)
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*shape"):
-        llama.params_from_hf(bad, config)
+        llama.LLAMA.params_from_hf(bad, config)
     missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match="missing tensor 'model.norm.weight'"):
-        llama.params_from_hf(missing, config)
+        llama.LLAMA.params_from_hf(missing, config)
     tied = dataclasses.replace(config, tie_word_embeddings=True)
     with pytest.raises(CheckpointError, match="lm_head.weight"):
-        llama.params_from_hf(tensors, tied)
+        llama.LLAMA.params_from_hf(tensors, tied)
     (tmp_path / "config.json").write_text(json.dumps(_cfg(rope_parameters={"rope_type": "ntk?"})))
     with pytest.raises(CheckpointError, match="config.json.*rope_type='ntk\\?'"):
-        llama.load_hf(str(tmp_path))
+        llama.LLAMA.load(str(tmp_path))
 
 
 def test_positions_with_soft_prompt_is_an_error():

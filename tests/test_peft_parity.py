@@ -97,21 +97,21 @@ def _bert(**kw):
     config = bert.BertConfig.tiny(**kw)
     torch.manual_seed(0)
     hf = transformers.BertModel(transformers.BertConfig(**config.to_hf())).eval()
-    return config, hf, bert.params_from_hf(_np(hf.state_dict()), config)
+    return config, hf, bert.BERT.params_from_hf(_np(hf.state_dict()), config)
 
 
 def _llama():
     config = llama.LlamaConfig.tiny()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf())).eval()
-    return config, hf, llama.params_from_hf(_np(hf.state_dict()), config)
+    return config, hf, llama.LLAMA.params_from_hf(_np(hf.state_dict()), config)
 
 
 def _t5():
     config = t5.T5Config.tiny()
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**config.to_hf())).eval()
-    return config, hf, t5.params_from_hf(_np(hf.state_dict()), config)
+    return config, hf, t5.T5.params_from_hf(_np(hf.state_dict()), config)
 
 
 def _batch(kind):
@@ -128,10 +128,15 @@ def _torch_batch(kind):
     return b
 
 
+def _names(family):
+    """config -> our module path -> HF module name (one signature for every family)."""
+    return lambda c: (lambda p: family.hf_module_name(p, c))
+
+
 FAMILIES = {
-    "bert": (_bert, bert.BertModel, lambda c: bert.hf_module_name, "last_hidden_state", "hidden_states"),
-    "llama": (_llama, llama.LlamaModel, lambda c: llama.hf_module_name, "logits", "logits"),
-    "t5": (_t5, t5.T5Model, lambda c: (lambda p: t5.hf_module_name(p, c)), "logits", "logits"),
+    "bert": (_bert, bert.BertModel, _names(bert.BERT), "last_hidden_state", "hidden_states"),
+    "llama": (_llama, llama.LlamaModel, _names(llama.LLAMA), "logits", "logits"),
+    "t5": (_t5, t5.T5Model, _names(t5.T5), "logits", "logits"),
 }
 
 
@@ -173,7 +178,7 @@ def test_lora_rslora_and_patterns_parity():
                   alpha_pattern={"query": 3})
     model = bert.BertModel(config, slots=Slots((lora,)))
     delta = P.init_delta(model, base, _batch("bert"), jax.random.PRNGKey(0))
-    _copy_lora(delta, pm.base_model.model, bert.hf_module_name)
+    _copy_lora(delta, pm.base_model.model, _names(bert.BERT)(config))
     with torch.no_grad():
         theirs = pm(**_torch_batch("bert")).last_hidden_state.numpy()
     out = model.apply({"params": base, "peft": delta}, **_batch("bert"))["hidden_states"]
@@ -182,7 +187,7 @@ def test_lora_rslora_and_patterns_parity():
 
 
 def test_lora_parity_minilm_real_weights(minilm_path):
-    config, base = bert.load_hf(minilm_path)
+    config, base = bert.BERT.load(minilm_path)
     hf = transformers.AutoModel.from_pretrained(minilm_path).eval()
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
     enc = tok(["A man is playing a guitar.", "Parameter-efficient tuning of language models."],
@@ -196,7 +201,7 @@ def test_lora_parity_minilm_real_weights(minilm_path):
              "attention_mask": jnp.asarray(enc["attention_mask"]),
              "token_type_ids": jnp.asarray(enc["token_type_ids"])}
     delta = P.init_delta(model, base, batch, jax.random.PRNGKey(0))
-    _copy_lora(delta, pm.base_model.model, bert.hf_module_name)
+    _copy_lora(delta, pm.base_model.model, _names(bert.BERT)(config))
     with torch.no_grad():
         theirs = pm(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
     out = model.apply({"params": base, "peft": delta}, **batch)["hidden_states"]
@@ -295,7 +300,7 @@ def test_prefix_tuning_parity_bert(model_type, task):
     cls = transformers.RobertaModel if model_type == "roberta" else transformers.BertModel
     hf_cfg = (transformers.RobertaConfig if model_type == "roberta" else transformers.BertConfig)
     hf = cls(hf_cfg(**config.to_hf())).eval()
-    base = bert.params_from_hf(_np(hf.state_dict()), config)
+    base = bert.BERT.params_from_hf(_np(hf.state_dict()), config)
     n_virtual, n_layers = 3, config.num_layers
     pm = hf_peft.get_peft_model(hf, hf_peft.PrefixTuningConfig(
         task_type=task, num_virtual_tokens=n_virtual)).eval()
@@ -359,7 +364,7 @@ def test_ia3_parity_llama():
     _randomize_peft(pm)
     model = llama.LlamaModel(config, slots=Slots((P.IA3(),)))
     delta = P.init_delta(model, base, _batch("llama"), jax.random.PRNGKey(0))
-    _copy_ia3(delta, pm.base_model.model, llama.hf_module_name)
+    _copy_ia3(delta, pm.base_model.model, _names(llama.LLAMA)(config))
     with torch.no_grad():
         theirs = pm(**_torch_batch("llama")).logits.numpy()
     out = model.apply({"params": base, "peft": delta}, **_batch("llama"))["logits"]
@@ -375,7 +380,7 @@ def test_ia3_parity_bert():
     _randomize_peft(pm)
     model = bert.BertModel(config, slots=Slots((P.IA3(),)))
     delta = P.init_delta(model, base, _batch("bert"), jax.random.PRNGKey(0))
-    _copy_ia3(delta, pm.base_model.model, bert.hf_module_name)
+    _copy_ia3(delta, pm.base_model.model, _names(bert.BERT)(config))
     with torch.no_grad():
         theirs = pm(**_torch_batch("bert")).last_hidden_state.numpy()
     out = model.apply({"params": base, "peft": delta}, **_batch("bert"))["hidden_states"]

@@ -67,9 +67,8 @@ class WordTokenizer:
 def tiny():
     config = bert.BertConfig.tiny()
     boxed = bert.BertModel(config).init(jax.random.PRNGKey(0), jnp.ones((2, 8), jnp.int32))["params"]
-    return Pretrained(name="tiny", module=bert, config=config,
-                      base=jax.tree.map(np.asarray, nn.meta.unbox(boxed)), tokenizer=WordTokenizer(),
-                      kind="encoder")
+    return Pretrained(name="tiny", family=bert.BERT, config=config,
+                      base=jax.tree.map(np.asarray, nn.meta.unbox(boxed)), tokenizer=WordTokenizer())
 
 
 TEXTS = ["a b c", "the cat sat on the mat today", "x", "one two three four five"]

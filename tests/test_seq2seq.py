@@ -83,8 +83,8 @@ def test_encoding_targets_candidates_and_loss_mask(folders, sst2, name, template
     task, ex = sst2
     pre = load_pretrained(folders[name])
     tok = pre.tokenizer
-    fam = "t5" if pre.kind == "encoder_decoder" else "causal"
-    enc = encode_text_to_text(ex, tok, task, 64, template=template, family=fam)
+    fam = pre.kind
+    enc = encode_text_to_text(ex, tok, task, 64, template=template, kind=fam)
     words = ["negative", "positive"] if template is None else ["terrible", "great"]
     lw = enc.constants["label_word_ids"]
     assert lw.shape[:2] == (2, 1)
@@ -94,7 +94,7 @@ def test_encoding_targets_candidates_and_loss_mask(folders, sst2, name, template
         assert decode_target(tok, tgt, tok.eos_token_id) == words[e["label"]]
         cand = lw[e["label"], 0]
         np.testing.assert_array_equal(cand[cand >= 0], tgt)
-        if fam == "causal":
+        if fam == "decoder":
             ids, m = enc.features["input_ids"][i], enc.features["loss_mask"][i]
             np.testing.assert_array_equal(ids[m > 0], tgt)
             assert m[-len(tgt):].all() and not m[:-len(tgt)].any()
@@ -111,9 +111,9 @@ def test_free_text_targets_from_a_file_task(folders, tmp_path, shared_data):
     task = task_from_config({"name": "first_word", "files": paths, "kind": "text2text",
                              "text_fields": ["text"], "label_field": "target"})
     ex = task.load("train")
-    for name, fam in (("t5_v1.1", "t5"), ("llama", "causal")):
+    for name, fam in (("t5_v1.1", "encoder_decoder"), ("llama", "decoder")):
         tok = load_pretrained(folders[name]).tokenizer
-        enc = encode_text_to_text(ex, tok, task, 64, template="Q: {text} A: {mask}", family=fam)
+        enc = encode_text_to_text(ex, tok, task, 64, template="Q: {text} A: {mask}", kind=fam)
         assert "label_word_ids" not in enc.constants
         assert [decode_target(tok, t, tok.eos_token_id) for t in enc.targets["targets"]] == \
             [e["label"] for e in ex]
@@ -123,7 +123,7 @@ def test_encoder_models_are_refused(sst2):
     from peft_jax.data.readers import DataError
     task, ex = sst2
     with pytest.raises(DataError, match="not an encoder"):
-        encode_text_to_text(ex, None, task, 64, family="mlm")
+        encode_text_to_text(ex, None, task, 64, kind="encoder")
 
 
 # ----------------------------------------------------------------------------- model side
@@ -145,7 +145,7 @@ def test_t5_rank_scores_and_generation_match_transformers(folders, sst2, name):
     greedy generation = ``generate(do_sample=False)``, with a soft prompt on the encoder."""
     task, ex = sst2
     pre = load_pretrained(folders[name])
-    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, family="t5")
+    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, kind="encoder_decoder")
     batch = _padded(enc)
     prompt = PromptTuning(length=3, init_scale=1.0)
     model, delta = _delta(pre, [prompt], batch)
@@ -181,7 +181,7 @@ def test_t5_prefix_on_self_and_cross_attention_generates_its_teacher_forced_argm
     attention (KV cache in the decoder) equals the argmax of the teacher-forced logits."""
     task, ex = sst2
     pre = load_pretrained(folders["t5_v1.1"])
-    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, family="t5")
+    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, kind="encoder_decoder")
     batch = _padded(enc)
     prefix = PrefixTuning(length=2, targets=r".*/(attention|cross_attention)")
     model, delta = _delta(pre, [prefix], batch, seed=1)
@@ -203,7 +203,7 @@ def test_llama_rank_scores_and_generation_match_transformers(folders, sst2):
     log-probs of source + target) and generation from the left-aligned source."""
     task, ex = sst2
     pre = load_pretrained(folders["llama"])
-    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, template=TEMPLATE, family="causal")
+    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, template=TEMPLATE, kind="decoder")
     batch = _padded(enc)
     prompt = PromptTuning(length=2, init_scale=0.05)
     model, delta = _delta(pre, [prompt], batch)
@@ -247,15 +247,15 @@ def test_target_only_loss_matches_transformers_labels_loss(folders, sst2, name):
     elsewhere): mean over the batch's target tokens."""
     task, ex = sst2
     pre = load_pretrained(folders[name])
-    fam = "t5" if pre.kind == "encoder_decoder" else "causal"
-    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, template=TEMPLATE, family=fam)
+    fam = pre.kind
+    enc = encode_text_to_text(ex, pre.tokenizer, task, 64, template=TEMPLATE, kind=fam)
     batch = _padded(enc)
     model = pre.build()
     spec = _spec(pre, enc)
     ours = float(FW.text_to_text_loss(model, spec, {"params": pre.base},
                                       {k: jnp.asarray(x) for k, x in batch.items()}, True))
     hf = _hf(folders[name])
-    if fam == "t5":
+    if fam == "encoder_decoder":
         labels = np.where(batch["target_mask"] > 0, batch["targets"], -100)
     else:
         labels = np.where(batch["loss_mask"] > 0, batch["input_ids"], -100)

@@ -64,7 +64,7 @@ def pair(name: str, tmp_path_factory):
         cfg = CONFIGS[name]
         base = random_base(cfg, seed=len(_CACHE))
         folder = tmp_path_factory.mktemp(name.replace(".", "_"))
-        t5.save_hf(str(folder), cfg, base)
+        t5.T5.save(str(folder), cfg, base)
         hf, info = transformers.T5ForConditionalGeneration.from_pretrained(
             str(folder), output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -157,7 +157,7 @@ def test_encoder_model_parity(tmp_path):
     torch.manual_seed(0)
     hf = transformers.T5EncoderModel(hcfg).eval()
     hf.save_pretrained(str(tmp_path))
-    loaded_cfg, base = t5.load_hf(str(tmp_path))
+    loaded_cfg, base = t5.T5.load(str(tmp_path))
     assert loaded_cfg.encoder_only and "decoder" not in base
     x, xm, _, _ = batch(cfg, src_len=25)
     with torch.no_grad():
@@ -173,11 +173,11 @@ def test_round_trip_through_transformers(name, tmp_path_factory, tmp_path):
     """ours -> save_hf -> transformers (see pair) -> save_pretrained -> load_hf == ours."""
     cfg, base, hf = pair(name, tmp_path_factory)
     hf.save_pretrained(str(tmp_path))
-    cfg2, base2 = t5.load_hf(str(tmp_path))
+    cfg2, base2 = t5.T5.load(str(tmp_path))
     assert cfg2 == cfg, (cfg2, cfg)
     jax.tree.map(np.testing.assert_array_equal, base2, base)
-    back = t5.params_to_hf(base2, cfg2)
-    assert set(back) == set(t5.params_to_hf(base, cfg))
+    back = t5.T5.params_to_hf(base2, cfg2)
+    assert set(back) == set(t5.T5.params_to_hf(base, cfg))
 
 
 def test_config_parsing_matches_transformers():
@@ -213,25 +213,25 @@ def test_unsupported_feed_forward_proj(bad):
 
 def test_bad_checkpoints(tmp_path):
     cfg = CONFIGS["v1.1"]
-    tensors = t5.params_to_hf(random_base(cfg), cfg)
+    tensors = t5.T5.params_to_hf(random_base(cfg), cfg)
     missing, gone = dict(tensors), "decoder.block.1.layer.2.DenseReluDense.wi_0.weight"
     del missing[gone]
     with pytest.raises(CheckpointError, match=re.escape(gone)):
-        t5.params_from_hf(missing, cfg)
+        t5.T5.params_from_hf(missing, cfg)
     wrong = dict(tensors)
     relb = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     wrong[relb] = np.zeros((3, 4), np.float32)
     with pytest.raises(CheckpointError, match=r"relative_attention_bias.weight.*\(3, 4\)"):
-        t5.params_from_hf(wrong, cfg)
+        t5.T5.params_from_hf(wrong, cfg)
     # The folder path: a config that disagrees with the tensors names the tensor.
-    t5.save_hf(str(tmp_path), cfg, random_base(cfg))
+    t5.T5.save(str(tmp_path), cfg, random_base(cfg))
     conf = json.loads((tmp_path / "config.json").read_text())
     conf["d_ff"] = 40
     (tmp_path / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="wi_0.weight.*shape"):
-        t5.load_hf(str(tmp_path))
+        t5.T5.load(str(tmp_path))
     with pytest.raises(CheckpointError, match="missing leaf"):
-        t5.params_to_hf({"shared": {}}, cfg)
+        t5.T5.params_to_hf({"shared": {}}, cfg)
 
 
 @pytest.mark.parametrize("name", ["v1.0", "v1.1"])
@@ -241,16 +241,16 @@ def test_hf_module_name_covers_every_weight(name, tmp_path_factory):
     leaves = jax.tree_util.tree_flatten_with_path(base)[0]
     for path, _ in leaves:
         module = "/".join(p.key for p in path[:-1])
-        assert t5.hf_module_name(module, cfg) + ".weight" in hf_names, module
-    assert t5.hf_module_name("encoder/layer_0/attention/query") == "encoder.block.0.layer.0.SelfAttention.q"
-    assert (t5.hf_module_name("decoder/layer_1/cross_attention/out")
+        assert t5.T5.hf_module_name(module, cfg) + ".weight" in hf_names, module
+    assert t5.T5.hf_module_name("encoder/layer_0/attention/query", cfg) == "encoder.block.0.layer.0.SelfAttention.q"
+    assert (t5.T5.hf_module_name("decoder/layer_1/cross_attention/out", cfg)
             == "decoder.block.1.layer.1.EncDecAttention.o")
-    assert t5.hf_module_name("decoder/layer_1/mlp/down", cfg) == "decoder.block.1.layer.2.DenseReluDense.wo"
+    assert t5.T5.hf_module_name("decoder/layer_1/mlp/down", cfg) == "decoder.block.1.layer.2.DenseReluDense.wo"
     hf_modules = dict(hf.named_modules())
     for module in ("encoder/layer_1", "decoder/layer_0/cross_attention", "decoder/layer_1/mlp"):
-        assert t5.hf_module_name(module, cfg) in hf_modules
+        assert t5.T5.hf_module_name(module, cfg) in hf_modules
     with pytest.raises(ValueError, match="pooler"):
-        t5.hf_module_name("pooler")
+        t5.T5.hf_module_name("pooler", cfg)
 
 
 def test_shift_right_matches_transformers(tmp_path_factory):

@@ -53,7 +53,7 @@ def _randomize(delta, seed):
 
 
 def _hf_names(f, regex):
-    return [f.mod.hf_module_name(p) for p in H.module_paths(f.base) if re.fullmatch(regex, p)]
+    return [f.names(p) for p in H.module_paths(f.base) if re.fullmatch(regex, p)]
 
 
 def _ours(f, vera, delta):
@@ -135,7 +135,7 @@ def test_vera_exported_by_us_loads_in_hf_peft(family, request, tmp_path):
     f = request.getfixturevalue(f"fam_{family}")
     vera = VeRA(targets=TARGETS[family], rank=4, projection_prng_key=5)
     delta = _randomize(f.init([vera]), 7)
-    folder = H.export_method(str(tmp_path / "a"), delta, vera, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, vera, hf_module_name=f.names)
     cfg, tensors = H.read_adapter(folder)
     assert cfg["peft_type"] == "VERA" and cfg["save_projection"] is True and cfg["r"] == 4
     assert np.array_equal(tensors["base_model.vera_A"], delta["vera_shared"]["vera_a"].T)
@@ -154,7 +154,7 @@ def test_vera_saved_by_hf_peft_imports(family, request, tmp_path):
     pm = peft.get_peft_model(f.hf_model(), cfg).eval()
     pm.save_pretrained(str(tmp_path / "a"))
     delta, info = H.import_hf_peft(str(tmp_path / "a"), base=f.base,
-                                   hf_module_name=f.mod.hf_module_name)
+                                   hf_module_name=f.names)
     vera = info["method"]
     assert isinstance(vera, VeRA) and info["kind"] == "vera"
     assert (vera.rank, vera.projection_prng_key, vera.d_initial, vera.dropout) == (4, 11, 0.2, 0.1)
@@ -165,9 +165,9 @@ def test_vera_saved_by_hf_peft_imports(family, request, tmp_path):
     assert ours_a.shape == hf_a.T.shape and not np.allclose(ours_a, hf_a.T)
     assert f.compare(_ours(f, vera, delta), f.theirs(pm)) <= TOL
     # and back: our export of the import re-imports bit-identically
-    H.export_method(str(tmp_path / "b"), delta, vera, hf_module_name=f.mod.hf_module_name)
+    H.export_method(str(tmp_path / "b"), delta, vera, hf_module_name=f.names)
     again, info2 = H.import_hf_peft(str(tmp_path / "b"), base=f.base,
-                                    hf_module_name=f.mod.hf_module_name)
+                                    hf_module_name=f.names)
     _assert_bit_exact(delta, again)
     assert info2["method"] == vera
 
@@ -179,7 +179,7 @@ def test_adapter_without_projections_is_refused(fam_bert, tmp_path):
     pm.save_pretrained(str(tmp_path / "a"))
     with pytest.raises(H.CheckpointError, match="save_projection=False.*Re-save it with "
                                                 "save_projection=True"):
-        H.import_hf_peft(str(tmp_path / "a"), base=f.base, hf_module_name=f.mod.hf_module_name)
+        H.import_hf_peft(str(tmp_path / "a"), base=f.base, hf_module_name=f.names)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -197,11 +197,11 @@ def test_merged_equals_unmerged_and_hf_merged_weights(fam_bert, tmp_path):
     back = unmerge(merged, delta, [vera])
     for (p, x), (_, y) in zip(tree.flatten(back).items(), tree.flatten(f.base).items()):
         assert np.max(np.abs(np.asarray(x) - y)) <= 1e-6, p
-    folder = H.export_method(str(tmp_path / "a"), delta, vera, hf_module_name=f.mod.hf_module_name)
+    folder = H.export_method(str(tmp_path / "a"), delta, vera, hf_module_name=f.names)
     hf_merged = _peft_from(f.hf_model(), folder).merge_and_unload().state_dict()
     for p, _ in tree.modules_with(delta, "vera_lambda_d"):
         k = np.asarray(tree.get(merged, p + "/kernel"))
-        assert np.max(np.abs(k - hf_merged[f.mod.hf_module_name(p) + ".weight"].numpy().T)) <= 1e-6
+        assert np.max(np.abs(k - hf_merged[f.names(p) + ".weight"].numpy().T)) <= 1e-6
         assert np.max(np.abs(k - tree.get(f.base, p + "/kernel"))) > 1e-3
 
 

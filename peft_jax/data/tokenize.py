@@ -3,13 +3,14 @@
 The tokenizer is any transformers tokenizer object. Its special-token layout (``[CLS] a [SEP]
 b [SEP]`` for BERT, ``<s> a </s></s> b </s>`` for RoBERTa, ``a </s>`` for T5, ``<s> a`` for
 Llama, nothing for SmolLM2) is read off the tokenizer itself by ``special_layout`` instead of
-being hard-coded per family; the *family* decides what a prompt's answer slot becomes:
+being hard-coded per family; the model *kind* (``peft_jax.models.family.KINDS``) decides what
+a prompt's answer slot becomes:
 
-- ``mlm`` (BERT/RoBERTa encoders): ``T`` mask tokens, ``T`` = the longest label word in tokens;
-- ``causal`` (decoder-only): the prompt ends at the answer slot; ``mask_pos`` are the positions
+- ``encoder`` (BERT/RoBERTa MLMs): ``T`` mask tokens, ``T`` = the longest label word in tokens;
+- ``decoder`` (causal LMs): the prompt ends at the answer slot; ``mask_pos`` are the positions
   whose next-token logits predict the answer tokens (optionally a chat template around it);
-- ``t5`` (encoder-decoder): input text and target text (``encode_text_to_text``, which also
-  writes text-to-text examples for causal LMs: source + target in one sequence).
+- ``encoder_decoder`` (T5, text-to-text): input text and target text (``encode_text_to_text``,
+  which also writes text-to-text examples for decoders: source + target in one sequence).
 
 Encoders return an ``Encoded``: ragged token features (padded later by ``make_batches`` to a
 length bucket), per-example scalars, ragged targets (padded to a fixed target length) and
@@ -27,17 +28,12 @@ import numpy as np
 from peft_jax.data.readers import DataError
 from peft_jax.data.tasks import Task
 from peft_jax.data.templates import Template, apply_mods, parse_template, verbalizer_words
+from peft_jax.models.family import KINDS
 
-FAMILIES = {"mlm": "mlm", "bert": "mlm", "roberta": "mlm", "encoder": "mlm",
-            "causal": "causal", "decoder": "causal", "llama": "causal", "gpt2": "causal",
-            "t5": "t5", "seq2seq": "t5"}
-
-
-def normalize_family(family: str) -> str:
-    try:
-        return FAMILIES[family]
-    except KeyError:
-        raise DataError(f"unknown model family {family!r} (known: {sorted(FAMILIES)})") from None
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise DataError(f"unknown model kind {kind!r} (known: {list(KINDS)})")
+    return kind
 
 
 @dataclasses.dataclass
@@ -282,7 +278,7 @@ def _chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, tokenizer,
-                  family: str = "mlm", max_len: int = 256, task: Optional[Task] = None,
+                  kind: str = "encoder", max_len: int = 256, task: Optional[Task] = None,
                   truncate_side: Any = "right", demonstrations: Optional[Sequence[Sequence[Mapping]]] = None,
                   include_answer: bool = False, chat: bool = False,
                   answer_ids: Optional[Sequence[Sequence[int]]] = None) -> Encoded:
@@ -291,17 +287,17 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
     ``template``/``verbalizer`` default to the task's (None). Features: input_ids,
     attention_mask, token_type_ids; scalars: mask_pos [n, T] (positions whose logits score
     the T answer tokens), label, has_label, idx; constants: label_word_ids [C, W, T] (-1 pad).
-    ``mlm``: T mask tokens at the slot. ``causal``: the sequence ends at the slot (text after
+    ``encoder``: T mask tokens at the slot. ``decoder``: the sequence ends at the slot (text after
     it is dropped); ``include_answer`` appends the gold label word (scalar answer_len) for
     teacher-forced training, ``answer_ids[i]`` (causal) appends those tokens instead (any
     target sequence; the verbalizer may then be absent: ``label_word_ids`` is ``[0, 1, 1]``);
     ``chat`` wraps the prompt in the tokenizer's chat template.
     ``demonstrations[i]``: examples shown with example i, rendered with their label word (after
-    the query for mlm, separated by the tokenizer's pair separator; before it for causal).
+    the query for encoders, separated by the tokenizer's pair separator; before it for decoders).
     Fields are truncated longest-first to fit ``max_len``.
     """
-    family = normalize_family(family)
-    if family == "t5":
+    kind = check_kind(kind)
+    if kind == "encoder_decoder":
         raise DataError("encode_prompt: for T5 use encode_text_to_text(template=..., verbalizer=...)")
     fields = task.text_fields if task else None
     tmpl: Template = parse_template(template if template is not None else (task.template if task else None)
@@ -318,17 +314,17 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
     T = lw.shape[-1]
     label, _ = _labels(examples, task)
     is_reg = task is not None and task.kind == "regression"
-    if family == "mlm" and tokenizer.mask_token_id is None:
-        raise DataError(f"{type(tokenizer).__name__} has no mask token; family 'mlm' needs one")
-    if (include_answer or answer_ids is not None) and family != "causal":
-        raise DataError("include_answer / answer_ids are for the causal family")
+    if kind == "encoder" and tokenizer.mask_token_id is None:
+        raise DataError(f"{type(tokenizer).__name__} has no mask token; kind 'encoder' needs one")
+    if (include_answer or answer_ids is not None) and kind != "decoder":
+        raise DataError("include_answer / answer_ids are for decoder (causal LM) models")
     if answer_ids is not None and len(answer_ids) != len(examples):
         raise DataError(f"answer_ids: {len(answer_ids)} answers for {len(examples)} examples")
-    if chat and family != "causal":
-        raise DataError("chat templates are for the causal family")
+    if chat and kind != "decoder":
+        raise DataError("chat templates are for decoder (causal LM) models")
     chat_pre, chat_post = _chat_wrap(tokenizer) if chat else ([], [])
     parts = list(tmpl.parts)
-    if family == "causal":
+    if kind == "decoder":
         parts = parts[:tmpl.mask_index + 1]
 
     @functools.lru_cache(maxsize=None)
@@ -369,7 +365,7 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
         for j, e in enumerate(seq):
             fixed += sum(len(lit(p.value)) for p in parts if p.kind == "text")
             if j == 0:
-                fixed += T if family == "mlm" else 0
+                fixed += T if kind == "encoder" else 0
             else:
                 y = e.get("label")
                 if y is None:
@@ -378,7 +374,7 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
         answer = [] if answer_ids is None else [int(t) for t in answer_ids[i]]
         if include_answer and answer_ids is None and not is_reg and int(label[i]) >= 0:
             answer = [int(t) for t in lw[int(label[i])][0] if t >= 0]
-        if family == "mlm":
+        if kind == "encoder":
             n_demo = len(seq) - 1
             fixed += len(lay.pair_prefix) + len(lay.pair_suffix) + len(sep) if n_demo else \
                 len(lay.prefix) + len(lay.suffix)
@@ -403,14 +399,14 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
                     k += 1
                 elif j == 0:
                     slot = len(body)
-                    if family == "mlm":
+                    if kind == "encoder":
                         body += [mask_tok] * T
                 else:
                     c = _demo_class(e["label"], task, len(words))
                     body += [int(t) for t in lw[c][0] if t >= 0]
             rendered.append((body, slot))
         query, slot = rendered[0]
-        if family == "mlm":
+        if kind == "encoder":
             if len(seq) > 1:
                 demo_ids = [t for body, _ in rendered[1:] for t in body]
                 ids = [*lay.pair_prefix, *query, *sep, *demo_ids, *lay.pair_suffix]
@@ -430,7 +426,7 @@ def encode_prompt(examples: Sequence[Mapping], template: Any, verbalizer: Any, t
         alen_out.append(len(answer))
     scalars = _common_scalars(examples, task)
     scalars["mask_pos"] = np.asarray(pos_out, np.int32).reshape(len(examples), T)
-    if family == "causal":
+    if kind == "decoder":
         scalars["answer_len"] = np.asarray(alen_out, np.int32)
     return Encoded(
         features={"input_ids": ids_out, "attention_mask": [np.ones(len(x), np.int32) for x in ids_out],
@@ -496,7 +492,7 @@ def _target_text(example: Mapping, task: Task, words: Optional[list[list[str]]])
 
 def encode_text_to_text(examples: Sequence[Mapping], tokenizer, task: Task, max_len: int = 512,
                         target_len: Optional[int] = None, template: Any = None, verbalizer: Any = None,
-                        mask_text: Optional[str] = None, family: str = "t5") -> Encoded:
+                        mask_text: Optional[str] = None, kind: str = "encoder_decoder") -> Encoded:
     """Text-to-text: a source text and a target text; the loss is on the target tokens only.
 
     Source: ``template`` (its fields, truncated to fit) or T5's task format
@@ -505,28 +501,28 @@ def encode_text_to_text(examples: Sequence[Mapping], tokenizer, task: Task, max_
     by the end token (``'</s>'`` / the tokenizer's EOS). Targets longer than ``target_len``
     are cut (keeping the end token).
 
-    ``family='t5'`` (encoder-decoder): features input_ids, attention_mask (``{mask}`` rendered
+    ``kind='encoder_decoder'`` (T5): features input_ids, attention_mask (``{mask}`` rendered
     as ``mask_text``, default the first sentinel ``'<extra_id_0>'`` when the vocabulary has
     one; inputs cut to ``max_len``); targets: targets, target_mask ``[T]``.
-    ``family='causal'`` (decoder-only): one sequence ``source + target``, the source ending at
+    ``kind='decoder'`` (causal LMs): one sequence ``source + target``, the source ending at
     the answer slot (text after ``{mask}`` is dropped, fields truncated longest-first);
     features input_ids, attention_mask, loss_mask (1 on the target tokens); scalar mask_pos
-    ``[n, 1]`` (the last source position, whose logits predict the target); targets as for t5
+    ``[n, 1]`` (the last source position, whose logits predict the target); targets as for T5
     (for exact match).
 
     Both: scalars label, has_label, idx; for classification tasks the constant
     ``label_word_ids [C, W, T]``: every class's candidate target sequences (with the end
     token, -1 padded) for rank classification.
     """
-    family = normalize_family(family)
-    if family == "mlm":
-        raise DataError("text-to-text needs an encoder-decoder ('t5') or a causal LM ('causal'), "
+    kind = check_kind(kind)
+    if kind == "encoder":
+        raise DataError("text-to-text needs an encoder-decoder or a decoder (causal LM), "
                         "not an encoder (use the verbalizer or classification format)")
     lay = special_layout(tokenizer)
     eos = list(lay.suffix) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     tmpl = parse_template(template, task.text_fields) if template is not None else None
     words = text_to_text_words(task, template, verbalizer)
-    lead = family == "causal" and (tmpl is None or tmpl.mask_space) and not lay.strip_space
+    lead = kind == "decoder" and (tmpl is None or tmpl.mask_space) and not lay.strip_space
     tbudget = (target_len - len(eos)) if target_len else None
 
     def target_ids(texts: Sequence[str]) -> list[list[int]]:
@@ -539,9 +535,9 @@ def encode_text_to_text(examples: Sequence[Mapping], tokenizer, task: Task, max_
     targets = {"targets": tg_out, "target_mask": [np.ones(len(x), np.int32) for x in tg_out]}
     pad = {"input_ids": pad_token_id(tokenizer), "attention_mask": 0, "targets": pad_token_id(tokenizer),
            "target_mask": 0}
-    if family == "causal":
+    if kind == "decoder":
         enc = encode_prompt(examples, template if template is not None else t5_template(task),
-                            words, tokenizer, "causal", max_len, task=task, answer_ids=gold)
+                            words, tokenizer, "decoder", max_len, task=task, answer_ids=gold)
         ids = enc.features["input_ids"]
         enc.features["loss_mask"] = [np.asarray([0] * (len(x) - len(g)) + [1] * len(g), np.int32)
                                      for x, g in zip(ids, gold)]

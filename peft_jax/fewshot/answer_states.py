@@ -32,8 +32,7 @@ def answer_states(pre: Any, task: Any, examples: Sequence[dict], template: Optio
 
     if pre.kind not in ("encoder", "decoder"):
         raise ValueError(f"answer_states: model kind {pre.kind!r}; encoder or decoder models only")
-    family = "mlm" if pre.kind == "encoder" else "causal"
-    enc = encode_prompt(list(examples), template, label_words, pre.tokenizer, family=family,
+    enc = encode_prompt(list(examples), template, label_words, pre.tokenizer, kind=pre.kind,
                         max_len=max_len, task=task)
     lw = jnp.asarray(enc.constants["label_word_ids"], jnp.int32)
     model = pre.build()
@@ -77,19 +76,18 @@ def answer_logprobs(pre: Any, task: Any, examples: Sequence[dict], template: Opt
     """Log-probabilities over the whole vocabulary at the answer position ``[n, V]`` (the
     candidates of automatic label-word search). Needs a model with an LM head."""
 
-    family = {"encoder": "mlm", "decoder": "causal"}.get(pre.kind)
-    if family is None:
+    if pre.kind not in ("encoder", "decoder"):
         raise ValueError(f"answer_logprobs: model kind {pre.kind!r}; encoder or decoder models only")
     # the label words do not matter here; any one-token word per class keeps encode_prompt happy
     dummy = [["a"] for _ in range(task.num_labels)]
-    enc = encode_prompt(list(examples), template, dummy, pre.tokenizer, family=family,
+    enc = encode_prompt(list(examples), template, dummy, pre.tokenizer, kind=pre.kind,
                         max_len=max_len, task=task)
     model = pre.build()
     variables = {"params": pre.base}
 
     @jax.jit
     def run(ids, mask, types, pos):
-        if family == "causal":
+        if pre.kind == "decoder":
             logits = model.apply(variables, ids, mask, deterministic=True, logits_at=pos[:, :1])["logits"][:, 0]
         else:
             out = model.apply(variables, ids, mask, types, deterministic=True)

@@ -100,9 +100,8 @@ def label_word_ids(pre, task, template: str, words: str) -> Optional[list[int]]:
     is needed)."""
     from peft_jax.data.tokenize import encode_prompt
 
-    family = "causal" if pre.kind == "decoder" else "mlm"
     enc = encode_prompt([{f: "x" for f in task.text_fields} | {"label": 0}], template,
-                        [[w] for w in words.split(",")], pre.tokenizer, family=family,
+                        [[w] for w in words.split(",")], pre.tokenizer, kind=pre.kind,
                         max_len=64, task=task)
     lw = np.asarray(enc.constants["label_word_ids"])            # [C, 1, T]
     if lw.shape[-1] > 1 and (lw[..., 1:] >= 0).any():

@@ -21,15 +21,13 @@ and FFN outputs after their dropout, before residual add + LayerNorm.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from peft_jax.models import hf_io
+from peft_jax.models.family import Family, register
 from peft_jax.models.hf_io import CheckpointError
 from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
                                     Dropout, Embed, LayerNorm, Mlp, check_dropout_impl,
@@ -136,8 +134,7 @@ class BertConfig:
                                   "supported (must be an activation name)")
         defaults = _HF_DEFAULTS[model_type]
 
-        def field(name: str, kind: type, default: Any = hf_io.MISSING) -> Any:
-            return hf_io.config_field(cfg, name, kind, default, source)
+        field = hf_io.field_reader(cfg, source)
 
         def optional_int(name: str) -> Optional[int]:
             v = cfg.get(name, defaults[name])
@@ -163,10 +160,7 @@ class BertConfig:
             eos_token_id=optional_int("eos_token_id"),
         )
         kwargs.update(overrides)
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: {e}") from None
+        return hf_io.construct(cls, kwargs, source)
 
     def to_hf(self) -> dict:
         """A ``config.json`` dict that transformers' AutoConfig loads as Bert/RobertaConfig."""
@@ -375,53 +369,7 @@ class BertModel(nn.Module):
         return out
 
 
-# ----------------------------------------------------------------------------- conversion
-
-# (our path, HF name relative to the base model / head prefix, kind); kind: "linear"
-# (kernel = weight.T), "vector", "table" (embedding as is).
-
-
-def _hf_layout(config: BertConfig) -> list[tuple[tuple[str, ...], str, str, tuple[int, ...]]]:
-    """Every base leaf: (path in the base pytree, HF tensor name, kind, our shape).
-
-    Head names carry a ``"@head:"`` marker resolved by the caller (they depend on the family).
-    """
-    c = config
-    d, f, v = c.d_model, c.d_ff, c.vocab_size
-    out: list = []
-
-    def linear(path, hf, n_in, n_out):
-        out.append((path + ("kernel",), hf + ".weight", "linear", (n_in, n_out)))
-        out.append((path + ("bias",), hf + ".bias", "vector", (n_out,)))
-
-    def norm(path, hf):
-        out.append((path + ("scale",), hf + ".weight", "vector", (d,)))
-        out.append((path + ("bias",), hf + ".bias", "vector", (d,)))
-
-    e = ("embeddings",)
-    out.append((e + ("word_embeddings", "embedding"), "embeddings.word_embeddings.weight", "table", (v, d)))
-    out.append((e + ("position_embeddings", "embedding"), "embeddings.position_embeddings.weight",
-                "table", (c.max_position_embeddings, d)))
-    out.append((e + ("token_type_embeddings", "embedding"), "embeddings.token_type_embeddings.weight",
-                "table", (c.type_vocab_size, d)))
-    norm(e + ("layer_norm",), "embeddings.LayerNorm")
-    for i in range(c.num_layers):
-        p, hf = ("encoder", f"layer_{i}"), f"encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear(p + ("attention", name), f"{hf}.attention.self.{name}", d, d)
-        linear(p + ("attention", "out"), f"{hf}.attention.output.dense", d, d)
-        norm(p + ("attention_norm",), f"{hf}.attention.output.LayerNorm")
-        linear(p + ("mlp", "up"), f"{hf}.intermediate.dense", d, f)
-        linear(p + ("mlp", "down"), f"{hf}.output.dense", f, d)
-        norm(p + ("mlp_norm",), f"{hf}.output.LayerNorm")
-    if c.add_pooling_layer:
-        linear(("pooler",), "pooler.dense", d, d)
-    if c.with_mlm_head:
-        h = _head_names(c)
-        linear(("mlm_head", "transform"), "@head:" + h["transform"], d, d)
-        norm(("mlm_head", "layer_norm"), "@head:" + h["layer_norm"])
-        out.append((("mlm_head", "bias"), "@head:" + h["bias"], "vector", (v,)))
-    return out
+# ----------------------------------------------------------------------------- family
 
 
 def _head_names(config: BertConfig) -> dict[str, str]:
@@ -446,108 +394,115 @@ def _aliases(name: str) -> list[str]:
     return alts
 
 
-def _base_prefix(tensors: Mapping[str, np.ndarray], config: BertConfig) -> str:
+def _file_prefix(source, config: BertConfig) -> str:
     """'' (BertModel files, e.g. all-MiniLM-L6-v2), 'bert.' or 'roberta.' (task-model files)."""
     key = "embeddings.word_embeddings.weight"
-    order = ["", f"{config.model_type}.", "bert.", "roberta."]
-    for p in order:
-        if p + key in tensors:
-            return p
-    return ""
+    return next((p for p in ("", f"{config.model_type}.", "bert.", "roberta.")
+                 if p + key in source), "")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
-                   source: str = "checkpoint") -> dict:
-    """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
+def _prefix(config: BertConfig) -> str:
+    """Canonical prefix of base tensors: none for ``Bert/RobertaModel``, ``bert.`` /
+    ``roberta.`` for ``*ForMaskedLM`` (``with_mlm_head``)."""
+    return f"{config.model_type}." if config.with_mlm_head else ""
 
-    Accepts names with or without a ``bert.``/``roberta.`` prefix, ``LayerNorm.gamma/beta``
-    spellings and MLM head names ``cls.predictions.*`` / ``lm_head.*``. A missing tensor or
-    one of the wrong shape raises :class:`CheckpointError` naming it.
+
+class BertFamily(Family):
+    """BERT / RoBERTa (``Bert/RobertaModel``; ``*ForMaskedLM`` with ``with_mlm_head``).
+
+    Loading accepts names with or without a ``bert.``/``roberta.`` prefix, TF-era
+    ``LayerNorm.gamma/beta`` spellings and MLM heads ``cls.predictions.*`` / ``lm_head.*``;
+    the pooler and the MLM head are used when the checkpoint has them (or as forced by
+    ``add_pooling_layer`` / ``with_mlm_head``). The MLM decoder is tied to the word
+    embeddings (a stored decoder that differs is an error).
     """
-    prefix = _base_prefix(tensors, config)
 
-    def rename(hf: str) -> str:
-        name = hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf
-        return next((a for a in _aliases(name) if a in tensors), name)
+    name = "bert"
+    model_types = MODEL_TYPES
+    kind = "encoder"
+    model_class = BertModel
+    config_class = BertConfig
+    ignored = (r"(bert\.|roberta\.)?embeddings\.position_ids", r"(bert\.|roberta\.)?pooler\..*",
+               r"cls\..*", r"lm_head\..*", r"classifier\..*", r"qa_outputs\..*")
+    module_map = (
+        (r"embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", r"embeddings.\1"),
+        (r"embeddings/layer_norm", "embeddings.LayerNorm"),
+        (r"encoder/layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
+        (r"encoder/layer_(\d+)/attention/out", r"encoder.layer.\1.attention.output.dense"),
+        (r"encoder/layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
+        (r"encoder/layer_(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
+        (r"encoder/layer_(\d+)/mlp/down", r"encoder.layer.\1.output.dense"),
+        (r"encoder/layer_(\d+)/mlp_norm", r"encoder.layer.\1.output.LayerNorm"),
+        (r"encoder/layer_(\d+)", r"encoder.layer.\1"),
+        (r"pooler", "pooler.dense"),
+        (r"mlm_head/(transform|layer_norm)", lambda m, c: _head_names(c)[m[1]]),
+        (r"mlm_head", lambda m, c: _head_names(c)["module"]),
+    )
 
-    base = hf_io.tree_from_layout(tensors, _hf_layout(config), source, rename)
-    if config.with_mlm_head:
-        dec = _head_names(config)["decoder"] + ".weight"
-        table = base["embeddings"]["word_embeddings"]["embedding"]
-        if dec in tensors and not (tensors[dec].shape == table.shape
-                                   and np.allclose(tensors[dec], table, atol=1e-6)):
-            raise CheckpointError(f"{source}: tensor {dec!r} differs from the word embeddings; "
-                                  "untied MLM decoders are not supported")
-    return base
+    def layout(self, config: BertConfig) -> list:
+        c = config
+        d, f, v = c.d_model, c.d_ff, c.vocab_size
+        pre = _prefix(c)
+        out: list = []
+
+        def linear(path, hf, n_in, n_out):
+            out.append((path + ("kernel",), hf + ".weight", "linear", (n_in, n_out)))
+            out.append((path + ("bias",), hf + ".bias", "vector", (n_out,)))
+
+        def norm(path, hf):
+            out.append((path + ("scale",), hf + ".weight", "vector", (d,)))
+            out.append((path + ("bias",), hf + ".bias", "vector", (d,)))
+
+        e = ("embeddings",)
+        for name, rows in (("word_embeddings", v), ("position_embeddings", c.max_position_embeddings),
+                           ("token_type_embeddings", c.type_vocab_size)):
+            out.append((e + (name, "embedding"), f"{pre}embeddings.{name}.weight", "table", (rows, d)))
+        norm(e + ("layer_norm",), f"{pre}embeddings.LayerNorm")
+        for i in range(c.num_layers):
+            p, hf = ("encoder", f"layer_{i}"), f"{pre}encoder.layer.{i}"
+            for name in ("query", "key", "value"):
+                linear(p + ("attention", name), f"{hf}.attention.self.{name}", d, d)
+            linear(p + ("attention", "out"), f"{hf}.attention.output.dense", d, d)
+            norm(p + ("attention_norm",), f"{hf}.attention.output.LayerNorm")
+            linear(p + ("mlp", "up"), f"{hf}.intermediate.dense", d, f)
+            linear(p + ("mlp", "down"), f"{hf}.output.dense", f, d)
+            norm(p + ("mlp_norm",), f"{hf}.output.LayerNorm")
+        if c.add_pooling_layer:
+            linear(("pooler",), f"{pre}pooler.dense", d, d)
+        if c.with_mlm_head:
+            h = _head_names(c)
+            linear(("mlm_head", "transform"), h["transform"], d, d)
+            norm(("mlm_head", "layer_norm"), h["layer_norm"])
+            out.append((("mlm_head", "bias"), h["bias"], "vector", (v,)))
+        return out
+
+    def settle(self, config: BertConfig, source, forced) -> BertConfig:
+        prefix = _file_prefix(source, config)
+        over = {}
+        if "add_pooling_layer" not in forced:
+            over["add_pooling_layer"] = f"{prefix}pooler.dense.weight" in source
+        if "with_mlm_head" not in forced:
+            over["with_mlm_head"] = any(a in source for a in _aliases(_head_names(config)["bias"]))
+        return dataclasses.replace(config, **over)
+
+    def rename(self, config: BertConfig, source):
+        canon, found, head = _prefix(config), _file_prefix(source, config), _head_names(config)["module"]
+
+        def fn(hf: str) -> str:
+            name = hf if hf.startswith(head + ".") else found + hf[len(canon):]
+            return next((a for a in _aliases(name) if a in source), name)
+
+        return fn
+
+    def tied(self, config: BertConfig) -> list:
+        if not config.with_mlm_head:
+            return []
+        return [(_head_names(config)["decoder"] + ".weight",
+                 f"{_prefix(config)}embeddings.word_embeddings.weight")]
+
+    def inputs(self, batch, config) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "token_type_ids": batch.get("token_type_ids")}
 
 
-def params_to_hf(base: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
-    """Base pytree -> flat HF tensors, named as ``Bert/RobertaModel`` (no head) or
-    ``Bert/RobertaForMaskedLM`` (``config.with_mlm_head``: ``bert.``/``roberta.`` prefix)."""
-    prefix = f"{config.model_type}." if config.with_mlm_head else ""
-    return hf_io.tensors_from_layout(
-        base, _hf_layout(config),
-        lambda hf: hf[len("@head:"):] if hf.startswith("@head:") else prefix + hf)
-
-
-def load_hf(folder: str, add_pooling_layer: Optional[bool] = None,
-            with_mlm_head: Optional[bool] = None, **overrides) -> tuple[BertConfig, dict]:
-    """Read a HF folder (``config.json`` + safetensors) -> ``(config, base)``.
-
-    ``add_pooling_layer`` / ``with_mlm_head``: None = use them when the checkpoint has
-    their tensors; True = require them (missing tensors are an error).
-    """
-    cfg_dict = hf_io.read_config(folder)
-    source = os.path.join(folder, "config.json")
-    config = BertConfig.from_hf(cfg_dict, source, **overrides)
-    tensors = hf_io.load_safetensors(folder)
-    prefix = _base_prefix(tensors, config)
-    if add_pooling_layer is None:
-        add_pooling_layer = f"{prefix}pooler.dense.weight" in tensors
-    if with_mlm_head is None:
-        bias = _head_names(config)["bias"]
-        with_mlm_head = any(a in tensors for a in _aliases(bias))
-    config = dataclasses.replace(config, add_pooling_layer=add_pooling_layer,
-                                 with_mlm_head=with_mlm_head)
-    return config, params_from_hf(tensors, config, source=folder)
-
-
-def save_hf(folder: str, config: BertConfig, base: Mapping) -> None:
-    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``."""
-    hf_io.save_safetensors(folder, params_to_hf(base, config), config.to_hf())
-
-
-_MODULE_MAP = [  # (regex on our module path, HF name template)
-    (r"embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", r"embeddings.\1"),
-    (r"embeddings/layer_norm", "embeddings.LayerNorm"),
-    (r"encoder/layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
-    (r"encoder/layer_(\d+)/attention/out", r"encoder.layer.\1.attention.output.dense"),
-    (r"encoder/layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
-    (r"encoder/layer_(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
-    (r"encoder/layer_(\d+)/mlp/down", r"encoder.layer.\1.output.dense"),
-    (r"encoder/layer_(\d+)/mlp_norm", r"encoder.layer.\1.output.LayerNorm"),
-    (r"encoder/layer_(\d+)", r"encoder.layer.\1"),
-    (r"pooler", "pooler.dense"),
-]
-
-
-def hf_module_name(path: str, model_type: str = "bert") -> str:
-    """Our module path -> HF module name, relative to ``BertModel``/``RobertaModel``
-    (MLM head modules: relative to ``*ForMaskedLM``).
-
-    'encoder/layer_0/attention/query' -> 'encoder.layer.0.attention.self.query'.
-    """
-    path = path.strip("/")
-    if path.startswith("mlm_head/") or path == "mlm_head":
-        names = _head_names(BertConfig.tiny(model_type=model_type))
-        tail = path[len("mlm_head/"):]
-        if tail in ("transform", "layer_norm"):
-            return names[tail]
-        if path == "mlm_head":
-            return names["module"]
-    else:
-        for pattern, template in _MODULE_MAP:
-            m = re.fullmatch(pattern, path)
-            if m:
-                return m.expand(template)
-    raise ValueError(f"hf_module_name: no Hugging Face module for path {path!r}")
+BERT = register(BertFamily())

@@ -1,8 +1,9 @@
 """Loading llama.cpp GGUF files (Llama / SmolLM2 / Qwen2 / Mistral architectures).
 
-Quantized tensors are dequantized to float32 with ``gguf.quants.dequantize`` and mapped to
-Hugging Face names, then to our tree by :func:`peft_jax.models.llama.params_from_hf` (so
-shape checks and errors are shared). llama.cpp stores the q/k projections of ``llama``
+A GGUF file is a tensor source of the llama family (:class:`GGUFSource`): tensors are
+mapped to Hugging Face names and dequantized to float32 with ``gguf.quants.dequantize`` one
+at a time when read, so the family's layout checks, the in-memory load and the streaming
+sharded load (``models/streaming.py``) all apply unchanged. llama.cpp stores the q/k projections of ``llama``
 architectures with rows permuted for its interleaved rotary layout; this is undone exactly
 as transformers' ``LlamaTensorProcessor`` does. The tokenizer comes from transformers' GGUF
 support (``AutoTokenizer.from_pretrained(folder, gguf_file=name)``).
@@ -20,8 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.llama import LlamaConfig, params_from_hf
+from peft_jax.models.hf_io import CheckpointError, TensorSource
+from peft_jax.models.llama import LLAMA, LlamaConfig
 from peft_jax.models.rope import RopeConfig, RopeConfigError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,32 +140,44 @@ def reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors_from_gguf(reader, config: LlamaConfig, path: str) -> dict[str, np.ndarray]:
-    """Dequantized float32 tensors under Hugging Face names (``[out, in]`` weights)."""
-    from gguf.quants import dequantize
+class GGUFSource(TensorSource):
+    """The tensors of a GGUF file under Hugging Face names (``[out, in]`` weights), each
+    dequantized to float32 (and q/k un-permuted) when read; shapes come from the metadata."""
 
-    permute = config.model_type == "llama"
-    out: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        name = t.name
-        if name in _GLOBAL_NAMES:
-            hf = _GLOBAL_NAMES[name]
-        elif name.startswith("blk.") and name.split(".", 2)[-1] in _LAYER_NAMES:
-            _, layer, rest = name.split(".", 2)
-            hf = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-        else:
-            continue  # e.g. rope_freqs (llama3 factors, recomputed from the config)
+    def __init__(self, reader, config: LlamaConfig, path: str):
+        self.where, self.permute = path, config.model_type == "llama"
+        self.heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+        self._tensors = {}
+        for t in reader.tensors:
+            if t.name in _GLOBAL_NAMES:
+                self._tensors[_GLOBAL_NAMES[t.name]] = t
+            elif t.name.startswith("blk.") and t.name.split(".", 2)[-1] in _LAYER_NAMES:
+                _, layer, rest = t.name.split(".", 2)
+                self._tensors[f"model.layers.{layer}.{_LAYER_NAMES[rest]}"] = t
+            # others (e.g. rope_freqs: llama3 factors) are recomputed from the config
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def info(self, name):
+        return tuple(int(n) for n in reversed(self._tensors[name].shape)), np.dtype(np.float32)
+
+    def read(self, name, rows=None):
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot dequantize tensor {name!r} "
+            raise CheckpointError(f"{self.where}: cannot dequantize tensor {t.name!r} "
                                   f"({t.tensor_type.name}): {e}") from None
-        if permute and ".attn_q." in name:
-            w = reverse_permute(w, config.num_heads)
-        elif permute and ".attn_k." in name:
-            w = reverse_permute(w, config.num_kv_heads)
-        out[hf] = w
-    return out
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        if self.permute and kind in self.heads:
+            w = reverse_permute(w, self.heads[kind])
+        return w if rows is None else w[rows]
 
 
 def load_gguf_tokenizer(path: str):
@@ -178,13 +191,19 @@ def load_gguf_tokenizer(path: str):
         raise CheckpointError(f"{path}: cannot build the tokenizer from GGUF metadata ({e})") from None
 
 
+def open_gguf(path: str) -> tuple[LlamaConfig, GGUFSource]:
+    """(config, lazy tensor source) of a GGUF file; no tensor is dequantized yet."""
+    reader = _open(path)
+    config = config_from_gguf(reader, path)
+    return config, GGUFSource(reader, config, path)
+
+
 def load_gguf(path: str, with_tokenizer: bool = True) -> tuple[LlamaConfig, dict, Any]:
     """Read a GGUF file -> ``(config, base, tokenizer)`` (tokenizer None if not asked).
 
     Bad files raise :class:`CheckpointError` naming the file (and tensor).
     """
-    reader = _open(path)
-    config = config_from_gguf(reader, path)
-    base = params_from_hf(hf_tensors_from_gguf(reader, config, path), config, source=path)
+    config, source = open_gguf(path)
+    base = LLAMA.params_from_hf(source, config)
     tokenizer = load_gguf_tokenizer(path) if with_tokenizer else None
     return config, base, tokenizer

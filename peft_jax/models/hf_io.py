@@ -2,19 +2,44 @@
 
 A folder holds ``config.json`` and either ``model.safetensors`` or sharded
 ``model-0000x-of-0000y.safetensors`` files with ``model.safetensors.index.json``.
-Family modules (``bert.py``, ``llama.py``, ``t5.py``) map the flat HF tensor names to
-their nested base pytree; this module only moves bytes and validates.
+
+Reading goes through a *tensor source* (:class:`TensorSource`): names, shapes and dtypes
+come from the safetensors headers alone, and bytes are read tensor by tensor (or a range of
+leading rows of one tensor) with ``os.pread`` when asked. So a layout can be checked against
+the header before any tensor is read (an extra or oversized tensor fails in milliseconds),
+and a sharded loader reads only the rows its devices hold. The header is parsed here rather
+than through ``safetensors.safe_open`` because its numpy backend has no bfloat16; the format
+is 8 bytes of header length, a JSON header ``{name: {dtype, shape, data_offsets}}``, data.
+
+Family objects (``peft_jax.models.family``) describe their checkpoint as a *layout*: one
+entry per base leaf, ``(path in the base pytree, HF tensor name, kind, our shape)`` with kind
+``"linear"`` (our kernel ``[in, out]`` = HF weight ``[out, in]`` transposed) or anything else
+(as is). :func:`check_layout`, :func:`tree_from_layout` and :func:`tensors_from_layout` are
+the one implementation of the conversion.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Any, Mapping
+import re
+import struct
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100 * 2 ** 20
+
+DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
+          "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+          "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(ValueError):
@@ -69,48 +94,212 @@ def safetensors_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder}: no model.safetensors (or sharded index) found")
 
 
+# ----------------------------------------------------------------------------- sources
+
+
+class TensorSource:
+    """Named tensors whose shapes and dtypes are known before any byte is read.
+
+    ``read(name, rows)`` returns the tensor (or rows ``rows`` of its leading axis) as a
+    numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``).
+    """
+
+    where: str = "checkpoint"
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        raise NotImplementedError
+
+    def read(self, name: str, rows: Optional[slice] = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.info(name)
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+class ArraySource(TensorSource):
+    """In-memory tensors (a dict of arrays, e.g. a torch ``state_dict`` as numpy)."""
+
+    def __init__(self, tensors: Mapping[str, Any], where: str = "checkpoint"):
+        self.tensors, self.where = tensors, where
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name):
+        a = self.tensors[name]
+        return tuple(np.shape(a)), np.dtype(a.dtype)
+
+    def read(self, name, rows=None):
+        a = np.asarray(self.tensors[name])
+        return a if rows is None else a[rows]
+
+
+def as_source(tensors: Any, where: str = "checkpoint") -> TensorSource:
+    return tensors if isinstance(tensors, TensorSource) else ArraySource(tensors, where)
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(``{name: {dtype, shape, data_offsets}}``, offset of the data) of one safetensors file;
+    a header that does not fit the file is a CheckpointError ("truncated or corrupted")."""
+    bad = f"{path}: cannot read safetensors file"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{bad} (shorter than 8 bytes); is it truncated or corrupted?")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{bad} (header length {n} for a {size}-byte file); is it "
+                                      "truncated or corrupted?")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{bad} ({e}); is it truncated or corrupted?") from None
+    header.pop("__metadata__", None)
+    start, data = 8 + n, size - 8 - n
+    for name, t in header.items():
+        try:
+            dtype = DTYPES[t["dtype"]]
+            shape = tuple(int(s) for s in t["shape"])
+            lo, hi = (int(o) for o in t["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bad}: tensor {name!r} has an unsupported or malformed header "
+                                  f"entry {t!r}") from None
+        if hi - lo != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or lo < 0 or hi > data:
+            raise CheckpointError(f"{bad}: tensor {name!r} ({t['dtype']} {list(shape)}) does not "
+                                  f"fit the file's {data} data bytes; is it truncated or corrupted?")
+    return header, start
+
+
+class SafetensorsFolder(TensorSource):
+    """The tensors of a HF folder (single or sharded safetensors), read lazily."""
+
+    def __init__(self, folder: str):
+        self.where = folder
+        self._entries: dict[str, tuple[str, np.dtype, tuple, int]] = {}
+        for path in safetensors_files(folder):
+            header, start = read_header(path)
+            for name, t in header.items():
+                self._entries[name] = (path, DTYPES[t["dtype"]], tuple(t["shape"]),
+                                       start + int(t["data_offsets"][0]))
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def info(self, name):
+        _, dtype, shape, _ = self._entries[name]
+        return shape, dtype
+
+    def file_of(self, name: str) -> str:
+        return self._entries[name][0]
+
+    def read(self, name, rows=None):
+        path, dtype, shape, offset = self._entries[name]
+        lo, hi = (0, shape[0] if shape else 1) if rows is None else rows.indices(shape[0])[:2]
+        hi = max(hi, lo)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        buf = bytearray((hi - lo) * row)
+        view, pos = memoryview(buf), 0
+        with open(path, "rb", buffering=0) as f:
+            while pos < len(buf):
+                n = os.preadv(f.fileno(), [view[pos:]], offset + lo * row + pos)
+                if n <= 0:
+                    raise CheckpointError(f"{path}: tensor {name!r} is cut short; is the file "
+                                          "truncated or corrupted?")
+                pos += n
+        return np.frombuffer(buf, dtype).reshape((hi - lo,) + tuple(shape[1:]) if shape else ())
+
+
 def load_safetensors(folder: str) -> dict[str, np.ndarray]:
     """All tensors of a folder as ``{hf_name: np.ndarray}`` (bf16/f16 upcast to f32)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    out: dict[str, np.ndarray] = {}
-    for path in safetensors_files(folder):
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e}); "
-                                  "is it truncated or corrupted?") from None
-        except TypeError:  # bf16 is not a numpy dtype: go through ml_dtypes
-            tensors = _load_bf16(path)
-        for k, v in tensors.items():
-            out[k] = np.asarray(v, np.float32) if v.dtype.kind == "f" or str(v.dtype) == "bfloat16" else v
-    return out
+    src = SafetensorsFolder(folder)
+    return {k: _float32(src.read(k)) for k in src.names()}
 
 
-def _load_bf16(path: str) -> dict[str, np.ndarray]:
-    import ml_dtypes
-    from safetensors import safe_open
-
-    res = {}
-    with safe_open(path, framework="flax") as f:  # jax arrays understand bf16
-        for k in f.keys():
-            res[k] = np.asarray(f.get_tensor(k)).astype(ml_dtypes.bfloat16)
-    return res
+def _float32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float32) if a.dtype.kind == "f" or a.dtype == DTYPES["BF16"] else a
 
 
-def save_safetensors(folder: str, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (atomically: temp file, then rename)."""
-    from safetensors.numpy import save_file
+# ----------------------------------------------------------------------------- writing
 
+
+def _write_file(path: str, items: Sequence[tuple[str, np.ndarray]], metadata: dict) -> None:
+    header: dict = {"__metadata__": metadata}
+    pos = 0
+    for name, a in items:
+        if a.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {a.dtype}, which "
+                                  "safetensors cannot store")
+        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [pos, pos + a.nbytes]}
+        pos += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, a in items:
+            f.write(np.ascontiguousarray(a).tobytes())
+
+
+def save_safetensors(folder: str, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+                     config: Mapping[str, Any], max_shard_bytes: Optional[int] = None) -> list[str]:
+    """Write ``config.json`` + ``model.safetensors`` (or, past ``max_shard_bytes``, shards
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), atomically per
+    file (temporary name, then rename). ``tensors`` may be an iterator of ``(name, array)``:
+    then at most one shard is held in memory. Returns the files written."""
     os.makedirs(folder, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    tmp = os.path.join(folder, ".model.safetensors.tmp")
-    save_file(arrays, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    items: Iterator = iter(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    shards: list[list[tuple[str, np.ndarray]]] = []
+    tmp_names: list[str] = []
+    current: list = []
+    size = 0
+
+    def flush():
+        tmp = os.path.join(folder, f".shard-{len(tmp_names)}.tmp")
+        _write_file(tmp, current, {"format": "pt"})
+        tmp_names.append(tmp)
+        shards.append([(k, None) for k, _ in current])
+
+    for name, arr in items:
+        a = np.asarray(arr)
+        if current and max_shard_bytes and size + a.nbytes > max_shard_bytes:
+            flush()
+            current, size = [], 0
+        current.append((name, a))
+        size += a.nbytes
+    flush()
+    n = len(tmp_names)
+    names = (["model.safetensors"] if n == 1 else
+             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    for tmp, fn in zip(tmp_names, names):
+        os.replace(tmp, os.path.join(folder, fn))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if n > 1:
+        weight_map = {k: fn for fn, shard in zip(names, shards) for k, _ in shard}
+        with open(index + ".tmp", "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        os.replace(index + ".tmp", index)
+    elif os.path.exists(index):
+        os.remove(index)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
+    return [os.path.join(folder, fn) for fn in names]
 
+
+# ----------------------------------------------------------------------------- config fields
 
 MISSING = object()
 
@@ -134,15 +323,17 @@ def config_field(cfg: Mapping[str, Any], name: str, kind: type, default: Any = M
                               f"a valid {kind.__name__}") from None
 
 
-def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple, source: str = "") -> np.ndarray:
-    """Fetch tensor ``name`` and check its shape, naming it in any error."""
-    if name not in tensors:
-        raise CheckpointError(f"{source}: missing tensor {name!r}")
-    arr = tensors[name]
-    if tuple(arr.shape) != tuple(shape):
-        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                              f"config implies {tuple(shape)}")
-    return arr
+def field_reader(cfg: Mapping[str, Any], source: str) -> Callable[..., Any]:
+    """``field(name, kind, default=MISSING)``: :func:`config_field` of ``cfg`` for ``source``."""
+    return functools.partial(config_field, cfg, source=source)
+
+
+def construct(cls: type, kwargs: Mapping[str, Any], source: str) -> Any:
+    """``cls(**kwargs)``; its validation errors become a CheckpointError naming ``source``."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def check_keys(config: Mapping[str, Any], supported: Mapping[str, Any], source: str) -> None:
@@ -154,56 +345,86 @@ def check_keys(config: Mapping[str, Any], supported: Mapping[str, Any], source: 
 
 
 # ----------------------------------------------------------------------------- layouts
-# A family describes its checkpoint as a layout: one entry per base leaf,
-# ``(path in the base pytree, HF tensor name, kind, our shape)`` with kind ``"linear"``
-# (our kernel ``[in, out]`` = HF weight ``[out, in]`` transposed) or anything else (as is).
 
 LayoutEntry = tuple  # (tuple[str, ...], str, str, tuple[int, ...])
+Rename = Optional[Callable[[str], str]]
 
 
-def set_path(tree: dict, path: tuple, value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
+def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The HF tensor's shape for one of our leaves (``linear``: ``[out, in]``)."""
+    return tuple(shape)[::-1] if kind == "linear" else tuple(shape)
 
 
-def get_path(tree: Mapping, path: tuple) -> Any:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise KeyError("/".join(path))
-        tree = tree[k]
-    return tree
+def check_layout(source: TensorSource, layout: Sequence[LayoutEntry], rename: Rename = None,
+                 ignored: Sequence[str] = ()) -> dict[tuple, str]:
+    """Names, shapes and dtypes of the header against the layout, before any byte is read.
+
+    Returns ``{our path: name in the source}``. A missing tensor, one of another shape, a
+    non-float one, or a tensor that neither the layout nor the ``ignored`` regexes account
+    for is a CheckpointError naming it (with its size: a stray multi-GB tensor is refused
+    without being read).
+    """
+    where = source.where
+    names: dict[tuple, str] = {}
+    for path, hf, kind, shape in layout:
+        name = rename(hf) if rename else hf
+        if name not in source:
+            raise CheckpointError(f"{where}: missing tensor {name!r}")
+        got, dtype = source.info(name)
+        if tuple(got) != hf_shape(kind, shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(got)}, "
+                                  f"config implies {hf_shape(kind, shape)}")
+        if DTYPE_NAMES.get(np.dtype(dtype)) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {dtype}; expected a "
+                                  "floating-point tensor")
+        names[tuple(path)] = name
+    used = set(names.values())
+    pattern = re.compile("|".join(f"(?:{p})" for p in ignored)) if ignored else None
+    extra = [n for n in source.names()
+             if n not in used and not (pattern and pattern.fullmatch(n))]
+    if extra:
+        shown = ", ".join(f"{n!r} ({list(source.info(n)[0])}, {source.info(n)[1]}, "
+                          f"{source.nbytes(n):,} bytes)" for n in extra[:5])
+        raise CheckpointError(f"{where}: unexpected tensor(s) {shown}"
+                              + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                              + "; not part of this model's checkpoint layout (not read)")
+    return names
 
 
-def tree_from_layout(tensors: Mapping[str, np.ndarray], layout, source: str = "checkpoint",
-                     rename=None) -> dict:
-    """Flat HF tensors -> nested base pytree (float32), checking every name and shape.
+def from_hf_array(kind: str, arr: np.ndarray) -> np.ndarray:
+    """HF tensor -> our leaf (``linear``: transposed)."""
+    return np.ascontiguousarray(arr.T) if kind == "linear" else arr
+
+
+def tree_from_layout(tensors: Any, layout: Sequence[LayoutEntry], source: str = "checkpoint",
+                     rename: Rename = None, ignored: Sequence[str] = (),
+                     dtype: Any = np.float32) -> dict:
+    """HF tensors (a :class:`TensorSource` or a dict) -> nested base pytree in ``dtype``,
+    every name, shape and dtype checked (:func:`check_layout`) before any is read.
 
     ``rename(hf_name) -> name in tensors`` handles prefixes and old spellings.
     """
-    base: dict = {}
-    for path, hf, kind, shape in layout:
-        name = rename(hf) if rename else hf
-        hf_shape = tuple(shape)[::-1] if kind == "linear" else tuple(shape)
-        arr = np.asarray(take(tensors, name, hf_shape, source), np.float32)
-        set_path(base, path, np.ascontiguousarray(arr.T) if kind == "linear" else arr)
-    return base
+    src = as_source(tensors, source)
+    names = check_layout(src, layout, rename, ignored)
+    flat = {path: from_hf_array(kind, np.asarray(src.read(names[tuple(path)]), dtype))
+            for path, _, kind, _ in layout}
+    return traverse_util.unflatten_dict(flat)
 
 
-def tensors_from_layout(base: Mapping, layout, rename=None) -> dict[str, np.ndarray]:
+def tensors_from_layout(base: Mapping, layout: Sequence[LayoutEntry], rename: Rename = None,
+                        dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Nested base pytree -> flat HF tensors; a missing or mis-shaped leaf is named."""
     import flax.linen as nn
 
-    base = nn.meta.unbox(base)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(base))
     out: dict[str, np.ndarray] = {}
     for path, hf, kind, shape in layout:
         where = "/".join(path)
-        try:
-            arr = np.asarray(get_path(base, path), np.float32)
-        except KeyError:
-            raise CheckpointError(f"base params: missing leaf {where!r}") from None
+        if tuple(path) not in flat:
+            raise CheckpointError(f"base params: missing leaf {where!r}")
+        arr = np.asarray(flat[tuple(path)], dtype)
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"base params: leaf {where!r} has shape {tuple(arr.shape)}, "
                                   f"config implies {tuple(shape)}")
-        out[rename(hf) if rename else hf] = np.ascontiguousarray(arr.T) if kind == "linear" else arr
+        out[rename(hf) if rename else hf] = from_hf_array(kind, arr)
     return out

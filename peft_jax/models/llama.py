@@ -34,16 +34,14 @@ one-token steps so that soft prompts are inserted once.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peft_jax.models import hf_io
+from peft_jax.models.family import Family, register
 from peft_jax.models.hf_io import CheckpointError
 from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
                                     Embed, LayerNorm, Mlp, check_dropout_impl, get_activation,
@@ -137,8 +135,7 @@ class LlamaConfig:
                                   "supported (only full_attention)")
         hf_io.check_keys(cfg, {"pretraining_tp": (1,)}, source)
 
-        def field(name: str, kind: type, default: Any = hf_io.MISSING) -> Any:
-            return hf_io.config_field(cfg, name, kind, default, source)
+        field = hf_io.field_reader(cfg, source)
 
         def token_id(name: str) -> Optional[int]:
             v = cfg.get(name)
@@ -179,10 +176,7 @@ class LlamaConfig:
             bos_token_id=token_id("bos_token_id"),
             eos_token_id=token_id("eos_token_id"),
         )
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: {e}") from None
+        return hf_io.construct(cls, kwargs, source)
 
     def to_hf(self) -> dict:
         """A ``config.json`` dict that transformers loads as Llama/Qwen2/MistralConfig."""
@@ -367,102 +361,72 @@ class LlamaModel(nn.Module):
         return bias, positions
 
 
-# ----------------------------------------------------------------------------- conversion
+# ----------------------------------------------------------------------------- family
 
-
-def _hf_layout(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, str, tuple[int, ...]]]:
-    """Every base leaf: (path in the base pytree, HF tensor name, kind, our shape).
-
-    kind: "linear" (kernel = weight.T), "vector", "table" (embedding as is).
-    """
-    c = config
-    d, f, v = c.d_model, c.d_ff, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    out: list = [(("embed_tokens", "embedding"), "model.embed_tokens.weight", "table", (v, d))]
-
-    def linear(path, hf, n_in, n_out, bias):
-        out.append((path + ("kernel",), hf + ".weight", "linear", (n_in, n_out)))
-        if bias:
-            out.append((path + ("bias",), hf + ".bias", "vector", (n_out,)))
-
-    for i in range(c.num_layers):
-        p, hf = ("decoder", f"layer_{i}"), f"model.layers.{i}"
-        out.append((p + ("attention_norm", "scale"), f"{hf}.input_layernorm.weight", "vector", (d,)))
-        for ours, theirs, n_out in (("query", "q_proj", q_out), ("key", "k_proj", kv_out),
-                                    ("value", "v_proj", kv_out)):
-            linear(p + ("attention", ours), f"{hf}.self_attn.{theirs}", d, n_out, c.attention_bias)
-        linear(p + ("attention", "out"), f"{hf}.self_attn.o_proj", q_out, d, c.attention_out_bias)
-        out.append((p + ("mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight", "vector", (d,)))
-        for name in ("gate", "up"):
-            linear(p + ("mlp", name), f"{hf}.mlp.{name}_proj", d, f, c.mlp_bias)
-        linear(p + ("mlp", "down"), f"{hf}.mlp.down_proj", f, d, c.mlp_bias)
-    out.append((("decoder", "final_norm", "scale"), "model.norm.weight", "vector", (d,)))
-    if not c.tie_word_embeddings:
-        linear(("lm_head",), "lm_head", d, v, False)
-    return out
-
-
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
-                   source: str = "checkpoint") -> dict:
-    """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
-
-    Accepts bare ``LlamaModel`` names (without ``model.``). With a tied head, an
-    ``lm_head.weight`` that differs from the embeddings is an error; a missing tensor or one
-    of the wrong shape raises :class:`CheckpointError` naming it.
-    """
-    bare = "model.embed_tokens.weight" not in tensors and "embed_tokens.weight" in tensors
-    base = hf_io.tree_from_layout(
-        tensors, _hf_layout(config), source,
-        lambda hf: hf[len("model."):] if bare and hf.startswith("model.") else hf)
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        head, table = tensors["lm_head.weight"], base["embed_tokens"]["embedding"]
-        if head.shape != table.shape or not np.allclose(head, table, atol=1e-6):
-            raise CheckpointError(f"{source}: tensor 'lm_head.weight' differs from the embeddings "
-                                  "but the config has tie_word_embeddings=True")
-    return base
-
-
-def params_to_hf(base: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Base pytree -> flat HF tensors named as ``*ForCausalLM`` (``model.`` prefix)."""
-    return hf_io.tensors_from_layout(base, _hf_layout(config))
-
-
-def load_hf(folder: str) -> tuple[LlamaConfig, dict]:
-    """Read a HF folder (``config.json`` + safetensors) -> ``(config, base)``."""
-    config = LlamaConfig.from_hf(hf_io.read_config(folder), os.path.join(folder, "config.json"))
-    return config, params_from_hf(hf_io.load_safetensors(folder), config, source=folder)
-
-
-def save_hf(folder: str, config: LlamaConfig, base: Mapping) -> None:
-    """Write ``config.json`` + ``model.safetensors`` loadable by ``AutoModelForCausalLM``."""
-    hf_io.save_safetensors(folder, params_to_hf(base, config), config.to_hf())
-
-
-_MODULE_MAP = [  # (regex on our module path, HF name template)
-    (r"embed_tokens", "model.embed_tokens"),
-    (r"decoder/layer_(\d+)/attention/(query|key|value|out)", None),
-    (r"decoder/layer_(\d+)/attention", r"model.layers.\1.self_attn"),
-    (r"decoder/layer_(\d+)/attention_norm", r"model.layers.\1.input_layernorm"),
-    (r"decoder/layer_(\d+)/mlp/(gate|up|down)", r"model.layers.\1.mlp.\2_proj"),
-    (r"decoder/layer_(\d+)/mlp", r"model.layers.\1.mlp"),
-    (r"decoder/layer_(\d+)/mlp_norm", r"model.layers.\1.post_attention_layernorm"),
-    (r"decoder/layer_(\d+)", r"model.layers.\1"),
-    (r"decoder/final_norm", "model.norm"),
-    (r"lm_head", "lm_head"),
-]
 _PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
 
 
-def hf_module_name(path: str) -> str:
-    """Our module path -> HF module name relative to ``*ForCausalLM`` (as HF PEFT names it).
+class LlamaFamily(Family):
+    """Llama / Qwen2 / Mistral (``*ForCausalLM``; bare ``*Model`` names without ``model.``
+    are accepted). With a tied head, a stored ``lm_head.weight`` must equal the embeddings."""
 
-    'decoder/layer_0/attention/query' -> 'model.layers.0.self_attn.q_proj'.
-    """
-    path = path.strip("/")
-    for pattern, template in _MODULE_MAP:
-        m = re.fullmatch(pattern, path)
-        if m and template is None:
-            return f"model.layers.{m.group(1)}.self_attn.{_PROJ[m.group(2)]}"
-        if m:
-            return m.expand(template)
-    raise ValueError(f"hf_module_name: no Hugging Face module for path {path!r}")
+    name = "llama"
+    model_types = MODEL_TYPES
+    kind = "decoder"
+    model_class = LlamaModel
+    config_class = LlamaConfig
+    ignored = (r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    module_map = (
+        (r"embed_tokens", "model.embed_tokens"),
+        (r"decoder/layer_(\d+)/attention/(query|key|value|out)",
+         lambda m, c: f"model.layers.{m[1]}.self_attn.{_PROJ[m[2]]}"),
+        (r"decoder/layer_(\d+)/attention", r"model.layers.\1.self_attn"),
+        (r"decoder/layer_(\d+)/attention_norm", r"model.layers.\1.input_layernorm"),
+        (r"decoder/layer_(\d+)/mlp/(gate|up|down)", r"model.layers.\1.mlp.\2_proj"),
+        (r"decoder/layer_(\d+)/mlp", r"model.layers.\1.mlp"),
+        (r"decoder/layer_(\d+)/mlp_norm", r"model.layers.\1.post_attention_layernorm"),
+        (r"decoder/layer_(\d+)", r"model.layers.\1"),
+        (r"decoder/final_norm", "model.norm"),
+        (r"lm_head", "lm_head"),
+    )
+
+    def layout(self, config: LlamaConfig) -> list:
+        c = config
+        d, f, v = c.d_model, c.d_ff, c.vocab_size
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        out: list = [(("embed_tokens", "embedding"), "model.embed_tokens.weight", "table", (v, d))]
+
+        def linear(path, hf, n_in, n_out, bias):
+            out.append((path + ("kernel",), hf + ".weight", "linear", (n_in, n_out)))
+            if bias:
+                out.append((path + ("bias",), hf + ".bias", "vector", (n_out,)))
+
+        for i in range(c.num_layers):
+            p, hf = ("decoder", f"layer_{i}"), f"model.layers.{i}"
+            out.append((p + ("attention_norm", "scale"), f"{hf}.input_layernorm.weight", "vector", (d,)))
+            for ours, n_out in (("query", q_out), ("key", kv_out), ("value", kv_out)):
+                linear(p + ("attention", ours), f"{hf}.self_attn.{_PROJ[ours]}", d, n_out,
+                       c.attention_bias)
+            linear(p + ("attention", "out"), f"{hf}.self_attn.o_proj", q_out, d, c.attention_out_bias)
+            out.append((p + ("mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight", "vector", (d,)))
+            for name in ("gate", "up"):
+                linear(p + ("mlp", name), f"{hf}.mlp.{name}_proj", d, f, c.mlp_bias)
+            linear(p + ("mlp", "down"), f"{hf}.mlp.down_proj", f, d, c.mlp_bias)
+        out.append((("decoder", "final_norm", "scale"), "model.norm.weight", "vector", (d,)))
+        if not c.tie_word_embeddings:
+            linear(("lm_head",), "lm_head", d, v, False)
+        return out
+
+    def rename(self, config, source):
+        if "model.embed_tokens.weight" in source or "embed_tokens.weight" not in source:
+            return None
+        return lambda hf: hf[len("model."):] if hf.startswith("model.") else hf
+
+    def tied(self, config: LlamaConfig) -> list:
+        return [("lm_head.weight", "model.embed_tokens.weight")] if config.tie_word_embeddings else []
+
+    def inputs(self, batch, config) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+LLAMA = register(LlamaFamily())

@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import re
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models import hf_io
+from peft_jax.models.family import Family, register
 from peft_jax.models.generation import greedy_loop
 from peft_jax.models.hf_io import CheckpointError
 from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
@@ -153,8 +152,7 @@ class T5Config:
                                   "is not supported; supported: ['t5']")
         hf_io.check_keys(cfg, {"is_decoder": (False,)}, source)
 
-        def field(name: str, kind: type, default: Any = hf_io.MISSING) -> Any:
-            return hf_io.config_field(cfg, name, kind, default, source)
+        field = hf_io.field_reader(cfg, source)
 
         ffp = field("feed_forward_proj", str, "relu")
         try:
@@ -191,10 +189,7 @@ class T5Config:
             encoder_only=list(archs) == ["T5EncoderModel"],
         )
         kwargs.update(overrides)
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: config field {e}") from None
+        return hf_io.construct(cls, kwargs, source)
 
     def to_hf(self) -> dict:
         """A ``config.json`` dict that transformers loads as ``T5Config`` (4.x and 5.x)."""
@@ -567,141 +562,125 @@ def _generate(model, max_new_tokens, start, eos, pad, variables, input_ids, mask
     return jnp.concatenate([first[:, None], tokens], axis=1)
 
 
-# ----------------------------------------------------------------------------- conversion
+# ----------------------------------------------------------------------------- family
 
 _ATTN = {"query": "q", "key": "k", "value": "v", "out": "o"}
+_STACK = r"(encoder|decoder)"
 
 
-def _hf_layout(config: T5Config) -> list[tuple[tuple[str, ...], str, str, tuple[int, ...]]]:
-    """Every base leaf: (path in the base pytree, HF tensor name, kind, our shape).
+def _ff(m) -> int:
+    """Index of the FFN sub-layer in an HF T5 block (after self and, in the decoder, cross attention)."""
+    return 2 if m[1] == "decoder" else 1
 
-    kind: "linear" (kernel = weight.T), "vector" or "table" (as is).
-    """
-    c = config
-    d, inner = c.d_model, c.num_heads * c.d_kv
-    out: list = [(("shared", "embedding"), "shared.weight", "table", (c.vocab_size, d))]
 
-    def stack(name: str, n_layers: int, is_decoder: bool):
-        for i in range(n_layers):
-            p, hf = (name, f"layer_{i}"), f"{name}.block.{i}.layer"
+def _wi(m, config: Optional[T5Config]) -> str:
+    gated = bool(config is not None and config.is_gated_act) or m[3] == "gate"
+    wi = {"up": "wi_1" if gated else "wi", "gate": "wi_0", "down": "wo"}[m[3]]
+    return f"{m[1]}.block.{m[2]}.layer.{_ff(m)}.DenseReluDense.{wi}"
+
+
+class T5Family(Family):
+    """T5 (``T5ForConditionalGeneration`` / ``T5EncoderModel``). Loading settles the head from
+    the tensors as transformers does: an ``lm_head.weight`` that differs from
+    ``shared.weight`` unties; a folder without decoder tensors is ``encoder_only``; old
+    exports may spell ``shared.weight`` as ``encoder.embed_tokens.weight``."""
+
+    name = "t5"
+    model_types = ("t5",)
+    kind = "encoder_decoder"
+    model_class = T5Model
+    config_class = T5Config
+    ignored = (r"(encoder|decoder)\.embed_tokens\.weight",)
+    module_map = (
+        (_STACK + r"/layer_(\d+)/attention/(query|key|value|out)",
+         lambda m, c: f"{m[1]}.block.{m[2]}.layer.0.SelfAttention.{_ATTN[m[3]]}"),
+        (_STACK + r"/layer_(\d+)/attention", r"\1.block.\2.layer.0.SelfAttention"),
+        (_STACK + r"/layer_0/relative_attention_bias", r"\1.block.0.layer.0.SelfAttention.relative_attention_bias"),
+        (_STACK + r"/layer_(\d+)/attention_norm", r"\1.block.\2.layer.0.layer_norm"),
+        (r"(decoder)/layer_(\d+)/cross_attention/(query|key|value|out)",
+         lambda m, c: f"{m[1]}.block.{m[2]}.layer.1.EncDecAttention.{_ATTN[m[3]]}"),
+        (r"(decoder)/layer_(\d+)/cross_attention", r"\1.block.\2.layer.1.EncDecAttention"),
+        (r"(decoder)/layer_(\d+)/cross_attention_norm", r"\1.block.\2.layer.1.layer_norm"),
+        (_STACK + r"/layer_(\d+)/mlp/(up|gate|down)", _wi),
+        (_STACK + r"/layer_(\d+)/mlp", lambda m, c: f"{m[1]}.block.{m[2]}.layer.{_ff(m)}.DenseReluDense"),
+        (_STACK + r"/layer_(\d+)/mlp_norm", lambda m, c: f"{m[1]}.block.{m[2]}.layer.{_ff(m)}.layer_norm"),
+        (_STACK + r"/layer_(\d+)", r"\1.block.\2"),
+        (_STACK + r"/final_norm", r"\1.final_layer_norm"),
+        (r"(encoder|decoder|shared|lm_head)", r"\1"),
+    )
+
+    def layout(self, config: T5Config) -> list:
+        c = config
+        d, inner = c.d_model, c.num_heads * c.d_kv
+        out: list = [(("shared", "embedding"), "shared.weight", "table", (c.vocab_size, d))]
+
+        def attention(p, hf, ours_name, theirs_name):
             for ours, theirs in _ATTN.items():
                 shape = (inner, d) if ours == "out" else (d, inner)
-                out.append((p + ("attention", ours, "kernel"), f"{hf}.0.SelfAttention.{theirs}.weight",
+                out.append((p + (ours_name, ours, "kernel"), f"{hf}.{theirs_name}.{theirs}.weight",
                             "linear", shape))
-            if i == 0:
-                out.append((p + ("relative_attention_bias", "embedding"),
-                            f"{hf}.0.SelfAttention.relative_attention_bias.weight", "table",
-                            (c.relative_attention_num_buckets, c.num_heads)))
-            out.append((p + ("attention_norm", "scale"), f"{hf}.0.layer_norm.weight", "vector", (d,)))
-            ff = 1
-            if is_decoder:
-                for ours, theirs in _ATTN.items():
-                    shape = (inner, d) if ours == "out" else (d, inner)
-                    out.append((p + ("cross_attention", ours, "kernel"),
-                                f"{hf}.1.EncDecAttention.{theirs}.weight", "linear", shape))
-                out.append((p + ("cross_attention_norm", "scale"), f"{hf}.1.layer_norm.weight",
-                            "vector", (d,)))
-                ff = 2
-            mlp = (("gate", "wi_0"), ("up", "wi_1")) if c.is_gated_act else (("up", "wi"),)
-            for ours, theirs in mlp:
-                out.append((p + ("mlp", ours, "kernel"), f"{hf}.{ff}.DenseReluDense.{theirs}.weight",
-                            "linear", (d, c.d_ff)))
-            out.append((p + ("mlp", "down", "kernel"), f"{hf}.{ff}.DenseReluDense.wo.weight",
-                        "linear", (c.d_ff, d)))
-            out.append((p + ("mlp_norm", "scale"), f"{hf}.{ff}.layer_norm.weight", "vector", (d,)))
-        out.append(((name, "final_norm", "scale"), f"{name}.final_layer_norm.weight", "vector", (d,)))
 
-    stack("encoder", c.num_layers, False)
-    if not c.encoder_only:
-        stack("decoder", c.num_decoder_layers, True)
-        if not c.tie_word_embeddings:
-            out.append((("lm_head", "kernel"), "lm_head.weight", "linear", (d, c.vocab_size)))
-    return out
+        def stack(name: str, n_layers: int, is_decoder: bool):
+            for i in range(n_layers):
+                p, hf = (name, f"layer_{i}"), f"{name}.block.{i}.layer"
+                attention(p, f"{hf}.0", "attention", "SelfAttention")
+                if i == 0:
+                    out.append((p + ("relative_attention_bias", "embedding"),
+                                f"{hf}.0.SelfAttention.relative_attention_bias.weight", "table",
+                                (c.relative_attention_num_buckets, c.num_heads)))
+                out.append((p + ("attention_norm", "scale"), f"{hf}.0.layer_norm.weight", "vector", (d,)))
+                if is_decoder:
+                    attention(p, f"{hf}.1", "cross_attention", "EncDecAttention")
+                    out.append((p + ("cross_attention_norm", "scale"), f"{hf}.1.layer_norm.weight",
+                                "vector", (d,)))
+                ff = 2 if is_decoder else 1
+                mlp = (("gate", "wi_0"), ("up", "wi_1")) if c.is_gated_act else (("up", "wi"),)
+                for ours, theirs in mlp:
+                    out.append((p + ("mlp", ours, "kernel"), f"{hf}.{ff}.DenseReluDense.{theirs}.weight",
+                                "linear", (d, c.d_ff)))
+                out.append((p + ("mlp", "down", "kernel"), f"{hf}.{ff}.DenseReluDense.wo.weight",
+                            "linear", (c.d_ff, d)))
+                out.append((p + ("mlp_norm", "scale"), f"{hf}.{ff}.layer_norm.weight", "vector", (d,)))
+            out.append(((name, "final_norm", "scale"), f"{name}.final_layer_norm.weight", "vector", (d,)))
 
+        stack("encoder", c.num_layers, False)
+        if not c.encoder_only:
+            stack("decoder", c.num_decoder_layers, True)
+            if not c.tie_word_embeddings:
+                out.append((("lm_head", "kernel"), "lm_head.weight", "linear", (d, c.vocab_size)))
+        return out
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: T5Config,
-                   source: str = "checkpoint") -> dict:
-    """Flat HF tensors (``[out, in]`` linear weights) -> base pytree of float32 numpy arrays.
+    def settle(self, config: T5Config, source, forced) -> T5Config:
+        names = source.names()
+        if "encoder_only" not in forced and not any(k.startswith("decoder.") for k in names):
+            config = dataclasses.replace(config, encoder_only=True)
+        if "tie_word_embeddings" not in forced and not config.encoder_only:
+            untied = "lm_head.weight" in source and not (
+                "shared.weight" in source
+                and source.info("lm_head.weight")[0] == source.info("shared.weight")[0]
+                and np.array_equal(source.read("lm_head.weight"), source.read("shared.weight")))
+            config = dataclasses.replace(config, tie_word_embeddings=not untied)
+        return config
 
-    ``shared.weight`` may also be spelled ``encoder.embed_tokens.weight`` (old exports).
-    A missing tensor or one of the wrong shape raises :class:`CheckpointError` naming it.
-    """
-    def rename(hf: str) -> str:
-        if hf == "shared.weight" and hf not in tensors and "encoder.embed_tokens.weight" in tensors:
-            return "encoder.embed_tokens.weight"
-        return hf
+    def rename(self, config, source):
+        if "shared.weight" in source or "encoder.embed_tokens.weight" not in source:
+            return None
+        return lambda hf: "encoder.embed_tokens.weight" if hf == "shared.weight" else hf
 
-    return hf_io.tree_from_layout(tensors, _hf_layout(config), source, rename)
+    def tied(self, config: T5Config) -> list:
+        if config.encoder_only or not config.tie_word_embeddings:
+            return []
+        return [("lm_head.weight", "shared.weight")]
 
-
-def params_to_hf(base: Mapping, config: T5Config) -> dict[str, np.ndarray]:
-    """Base pytree -> flat HF tensors named as ``T5ForConditionalGeneration`` /
-    ``T5EncoderModel`` (``encoder_only``)."""
-    return hf_io.tensors_from_layout(base, _hf_layout(config))
-
-
-def load_hf(folder: str, **overrides) -> tuple[T5Config, dict]:
-    """Read a HF folder (``config.json`` + safetensors) -> ``(config, base)``.
-
-    Settles the head from the tensors as transformers does: an ``lm_head.weight`` that
-    differs from ``shared.weight`` gives an untied head; none (or an equal one) a tied head.
-    A folder without decoder tensors is loaded ``encoder_only``.
-    """
-    source = os.path.join(folder, "config.json")
-    config = T5Config.from_hf(hf_io.read_config(folder), source, **overrides)
-    tensors = hf_io.load_safetensors(folder)
-    if "encoder_only" not in overrides and not any(k.startswith("decoder.") for k in tensors):
-        config = dataclasses.replace(config, encoder_only=True)
-    if "tie_word_embeddings" not in overrides and not config.encoder_only:
-        head, table = tensors.get("lm_head.weight"), tensors.get("shared.weight")
-        untied = head is not None and not (table is not None and head.shape == table.shape
-                                           and np.array_equal(head, table))
-        config = dataclasses.replace(config, tie_word_embeddings=not untied)
-    return config, params_from_hf(tensors, config, source=folder)
+    def inputs(self, batch, config) -> dict:
+        """Teacher forcing with the batch's ``decoder_input_ids``, else one decoder step from
+        the start token (encoder states for heads, first-token logits for verbalizers)."""
+        dec = batch.get("decoder_input_ids")
+        if dec is None:
+            start = config.decoder_start_token_id if config is not None else 0
+            dec = jnp.full((batch["input_ids"].shape[0], 1), start, jnp.int32)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "decoder_input_ids": dec}
 
 
-def save_hf(folder: str, config: T5Config, base: Mapping) -> None:
-    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``."""
-    hf_io.save_safetensors(folder, params_to_hf(base, config), config.to_hf())
-
-
-_STACK = r"(encoder|decoder)"
-_MODULE_MAP = [  # (regex on our module path, HF name template or function of (match, ff index))
-    (_STACK + r"/layer_(\d+)/attention/(query|key|value|out)",
-     lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.SelfAttention.{_ATTN[m[3]]}"),
-    (_STACK + r"/layer_(\d+)/attention", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.SelfAttention"),
-    (_STACK + r"/layer_0/relative_attention_bias",
-     lambda m, ff: f"{m[1]}.block.0.layer.0.SelfAttention.relative_attention_bias"),
-    (_STACK + r"/layer_(\d+)/attention_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.0.layer_norm"),
-    (r"(decoder)/layer_(\d+)/cross_attention/(query|key|value|out)",
-     lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.EncDecAttention.{_ATTN[m[3]]}"),
-    (r"(decoder)/layer_(\d+)/cross_attention", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.EncDecAttention"),
-    (r"(decoder)/layer_(\d+)/cross_attention_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.1.layer_norm"),
-    (_STACK + r"/layer_(\d+)/mlp/(up|gate|down)", None),  # handled in hf_module_name
-    (_STACK + r"/layer_(\d+)/mlp", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.{ff}.DenseReluDense"),
-    (_STACK + r"/layer_(\d+)/mlp_norm", lambda m, ff: f"{m[1]}.block.{m[2]}.layer.{ff}.layer_norm"),
-    (_STACK + r"/layer_(\d+)", lambda m, ff: f"{m[1]}.block.{m[2]}"),
-    (_STACK + r"/final_norm", lambda m, ff: f"{m[1]}.final_layer_norm"),
-    (r"(encoder|decoder|shared|lm_head)", lambda m, ff: m[1]),
-]
-
-
-def hf_module_name(path: str, config: Optional[T5Config] = None) -> str:
-    """Our module path -> HF module name in ``T5ForConditionalGeneration``.
-
-    'encoder/layer_0/attention/query' -> 'encoder.block.0.layer.0.SelfAttention.q'. The
-    FFN input of a non-gated model ('mlp/up') is ``wi``, of a gated one ``wi_1`` (``gate``
-    is ``wi_0``): pass ``config`` for gated models (default: non-gated, v1.0).
-    """
-    path = path.strip("/")
-    for pattern, template in _MODULE_MAP:
-        m = re.fullmatch(pattern, path)
-        if not m:
-            continue
-        ff = 2 if m[1] == "decoder" else 1
-        if template is None:
-            gated = bool(config is not None and config.is_gated_act) or m[3] == "gate"
-            wi = {"up": "wi_1" if gated else "wi", "gate": "wi_0", "down": "wo"}[m[3]]
-            return f"{m[1]}.block.{m[2]}.layer.{ff}.DenseReluDense.{wi}"
-        return template(m, ff)
-    raise ValueError(f"hf_module_name: no Hugging Face module for path {path!r}")
+T5 = register(T5Family())

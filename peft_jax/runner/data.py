@@ -24,7 +24,6 @@ from peft_jax.runner.experiment import Experiment, label_words
 # batch keys the model-side functions read (the rest stay on the host)
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "example_mask", "mask_pos",
               "soft_label", "targets", "target_mask", "loss_mask")
-_FAMILY = {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "t5"}
 
 
 def model_batch(batch: dict) -> dict:
@@ -33,7 +32,7 @@ def model_batch(batch: dict) -> dict:
 
 
 def encode_split(exp: Experiment, examples: list, demo_pool: Optional[list] = None) -> Any:
-    """Examples -> ``data.Encoded`` for this experiment's format and model family.
+    """Examples -> ``data.Encoded`` for this experiment's format and model kind.
 
     With ``config.task.demonstrations`` every example gets one demonstration per class from
     ``demo_pool`` (default: the training split), fixed per example and seed."""
@@ -45,14 +44,14 @@ def encode_split(exp: Experiment, examples: list, demo_pool: Optional[list] = No
                               "'verbalizer' or 'classification')")
         return encode_text_to_text(examples, tok, exp.task, cfg.task.max_length,
                                    template=cfg.task.template or None,
-                                   verbalizer=label_words(cfg, exp.task), family=_FAMILY[exp.kind])
+                                   verbalizer=label_words(cfg, exp.task), kind=exp.kind)
     if cfg.task.format == "verbalizer":
         demos = None
         if cfg.task.demonstrations:
             pool = demo_pool if demo_pool is not None else demonstration_pool(exp)
             demos = demonstrations_for(exp, examples, pool)
         return encode_prompt(examples, cfg.task.template or None, label_words(cfg, exp.task), tok,
-                             family=_FAMILY[exp.kind], max_len=cfg.task.max_length,
+                             kind=exp.kind, max_len=cfg.task.max_length,
                              task=exp.task, demonstrations=demos)
     return encode_classification(examples, tok, cfg.task.max_length, task=exp.task)
 

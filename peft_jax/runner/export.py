@@ -30,22 +30,16 @@ from peft_jax.runner.session import Session, restore_trained, setup
 from peft_jax.transfer.library import LibraryError, PromptLibrary, run_metadata
 
 FORMATS = ("npy", "hf-peft", "merged", "delta")
-# HF PEFT task_type of an adapter for each model kind (PeftModel applies prompts by it)
-HF_TASK_TYPES = {"encoder": "FEATURE_EXTRACTION", "decoder": "CAUSAL_LM",
-                 "encoder_decoder": "SEQ_2_SEQ_LM"}
 
 
 def hf_names(s: Session) -> HfNames:
     """The HF naming context of this run's model (module names, attention layers)."""
     pre = s.exp.pre
-    fn = pre.module.hf_module_name
-    name = pre.module.__name__.rsplit(".", 1)[-1]
-    module_name = {"bert": lambda p: fn(p, pre.config.model_type),
-                   "t5": lambda p: fn(p, pre.config)}.get(name, fn)
     paths = module_paths(pre.base)
     attention = [p for p in paths if p.endswith("/attention")]
-    return HfNames(module_name=module_name, module_paths=paths, attention_paths=attention,
-                   task_type=HF_TASK_TYPES[s.exp.kind], base_model_name_or_path=s.exp.base_id)
+    return HfNames(module_name=pre.hf_module_name, module_paths=paths, attention_paths=attention,
+                   task_type=pre.family.hf_task_type(s.exp.cfg.task.format),
+                   base_model_name_or_path=s.exp.base_id)
 
 
 def check_hf_peft_carries(acting: list, trained_base: Any) -> None:

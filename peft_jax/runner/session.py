@@ -119,11 +119,8 @@ def format_spec(exp: Experiment, encoded: Any = None) -> FormatSpec:
 
 def init_inputs(exp: Experiment, batch: int = 1, length: int = 8) -> dict:
     """Model inputs for the delta init (their values and length do not matter)."""
-    out = {"input_ids": jnp.ones((batch, length), jnp.int32),
-           "attention_mask": jnp.ones((batch, length), jnp.int32)}
-    if exp.kind == "encoder_decoder":
-        out["decoder_input_ids"] = jnp.zeros((batch, 1), jnp.int32)
-    return out
+    return exp.pre.family.init_inputs({"input_ids": jnp.ones((batch, length), jnp.int32),
+                                       "attention_mask": jnp.ones((batch, length), jnp.int32)})
 
 
 def init_from_delta(trainable: Any, folder: str, exp: Experiment) -> Any:

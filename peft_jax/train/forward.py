@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from peft_jax.fewshot.scoring import multi_token_scores
 from peft_jax.models import generation, pooling, t5
+from peft_jax.models.family import for_model
 from peft_jax.models.slots import Insert, remove_inserts
 from peft_jax.peft.method import inserted_before
 from peft_jax.train import losses
@@ -71,20 +72,11 @@ class FormatSpec:
 
 def _apply_model(model, spec: FormatSpec, mvars: dict, batch: dict, deterministic: bool,
                  rng: Optional[Array]) -> dict:
+    """The family's uniform call (T5: one decoder step from the start token)."""
     rngs = {} if deterministic or rng is None else {"dropout": rng}
     need_all = spec.pooling in ("first_last_avg", "top2_avg")
-    if spec.kind == "encoder":
-        return model.apply(mvars, batch["input_ids"], batch["attention_mask"],
-                           batch.get("token_type_ids"), deterministic=deterministic,
-                           output_hidden_states=need_all, rngs=rngs)
-    if spec.kind == "decoder":
-        return model.apply(mvars, batch["input_ids"], batch["attention_mask"],
-                           deterministic=deterministic, output_hidden_states=need_all, rngs=rngs)
-    # encoder-decoder (T5): encoder states for heads; one decoder step for verbalizers
-    b = batch["input_ids"].shape[0]
-    dec_in = jnp.full((b, 1), spec.decoder_start_token_id, jnp.int32)
-    return model.apply(mvars, batch["input_ids"], batch["attention_mask"], dec_in,
-                       deterministic=deterministic, rngs=rngs)
+    return for_model(model).apply(model, mvars, batch, deterministic=deterministic, rngs=rngs,
+                                  output_hidden_states=need_all)
 
 
 def scores(model, spec: FormatSpec, variables: dict, batch: dict, deterministic: bool = True,
