@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from peft_jax.models import hf_io
 from peft_jax.models.family import Family, register
 from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
-                                    Dropout, Embed, LayerNorm, Mlp, check_dropout_impl,
-                                    get_activation, make_attention_bias, remat_layer)
+from peft_jax.models.layers import (Attention, Dense, Dropout, Embed, LayerNorm, Mlp,
+                                    get_activation, make_attention_bias)
 from peft_jax.models.slots import NO_SLOTS, Slots, apply_inserts
+from peft_jax.models.stack import ModelOptions, per_layer_delta, run_layers
 
 Array = Any
 Dtype = Any
@@ -45,7 +45,7 @@ _HF_DEFAULTS = {  # defaults of transformers' BertConfig / RobertaConfig for opt
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ModelOptions):
     """Hyper-parameters of a BERT / RoBERTa encoder (validated on construction)."""
 
     vocab_size: int = 30522
@@ -67,13 +67,9 @@ class BertConfig:
     with_mlm_head: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
-    dropout_impl: str = DEFAULT_DROPOUT_IMPL  # mask generator: 'hash' | 'jax' (layers.Dropout)
-    remat: str = "none"  # recompute layers in the backward: 'none' | 'full' | 'dots'
 
     def __post_init__(self):
-        check_dropout_impl(self.dropout_impl)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unsupported remat={self.remat!r}; supported: {list(REMAT_POLICIES)}")
+        super().__post_init__()
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type={self.model_type!r}; supported: {list(MODEL_TYPES)}")
         if self.position_embedding_type != "absolute":
@@ -278,21 +274,20 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The stack of :class:`BertLayer` (``layer_0`` ...); returns every layer's output."""
+    """The stack of :class:`BertLayer` (``layer_0`` ... or scanned ``layers``); returns
+    (the last layer's output, every layer's output when ``keep``)."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     slots: Slots = NO_SLOTS
 
     @nn.compact
-    def __call__(self, x: Array, bias: Optional[Array], deterministic: bool = True
-                 ) -> tuple[Array, ...]:
-        outs = []
-        layer_cls = remat_layer(BertLayer, self.config.remat, static_argnums=(3,))
-        for i in range(self.config.num_layers):
-            x = layer_cls(self.config, self.dtype, self.slots, name=f"layer_{i}")(x, bias, deterministic)
-            outs.append(x)
-        return tuple(outs)
+    def __call__(self, x: Array, bias: Optional[Array], deterministic: bool = True,
+                 keep: bool = True) -> tuple[Array, tuple]:
+        c = self.config
+        return run_layers(BertLayer, dict(config=c, dtype=self.dtype, slots=self.slots),
+                          c.num_layers, x, (bias,), (deterministic,), remat=c.remat,
+                          scan=c.scan_layers, keep=keep)
 
 
 class MlmHead(nn.Module):
@@ -353,8 +348,9 @@ class BertModel(nn.Module):
                       deterministic)
 
         bias = make_attention_bias(mask, length, dtype=jnp.float32)
-        layers = BertEncoder(c, self.dtype, self.slots, name="encoder")(x, bias, deterministic)
-        h = layers[-1] if layers else x
+        encoder = per_layer_delta(BertEncoder) if c.scan_layers else BertEncoder
+        h, layers = encoder(c, self.dtype, self.slots, name="encoder")(x, bias, deterministic,
+                                                                       output_hidden_states)
         out: dict[str, Any] = {"hidden_states": h, "attention_mask": mask}
         if output_hidden_states:
             out["all_hidden_states"] = (x,) + layers

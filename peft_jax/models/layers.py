@@ -121,23 +121,6 @@ class Dropout(nn.Module):
         return apply_dropout(x, self.rate, self.make_rng("dropout"), self.impl)
 
 
-REMAT_POLICIES = ("none", "full", "dots")
-
-
-def remat_layer(cls: type, remat: str, static_argnums: tuple[int, ...]) -> type:
-    """``cls`` (a block module) rematerialized in the backward pass: ``'none'`` (as is),
-    ``'full'`` (keep only the block inputs) or ``'dots'`` (keep matmul outputs without batch
-    dims, recompute element-wise ops). Parameter names and values are unchanged.
-    ``static_argnums``: positions of Python-valued call arguments (``self`` is 0)."""
-    if remat == "none":
-        return cls
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unsupported remat={remat!r}; supported: {list(REMAT_POLICIES)}")
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
-              else None)
-    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
-
-
 def get_activation(name: str, field: str = "activation") -> Callable[[Array], Array]:
     """Look up an activation by its Hugging Face name; unknown names are a clear error."""
     try:

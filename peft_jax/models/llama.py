@@ -43,11 +43,11 @@ import jax.numpy as jnp
 from peft_jax.models import hf_io
 from peft_jax.models.family import Family, register
 from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.layers import (DEFAULT_DROPOUT_IMPL, REMAT_POLICIES, Attention, Dense,
-                                    Embed, LayerNorm, Mlp, check_dropout_impl, get_activation,
-                                    make_attention_bias, remat_layer)
+from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
+                                    make_attention_bias)
 from peft_jax.models.rope import RopeConfig, RopeConfigError, rotary
 from peft_jax.models.slots import NO_SLOTS, Slots
+from peft_jax.models.stack import ModelOptions, per_layer_delta, run_layers
 
 Array = Any
 Dtype = Any
@@ -58,7 +58,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelOptions):
     """Hyper-parameters of a Llama-family decoder (validated on construction).
 
     ``attention_bias``: biases on q/k/v; ``attention_out_bias``: bias on o_proj (Llama's
@@ -86,13 +86,9 @@ class LlamaConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
-    dropout_impl: str = DEFAULT_DROPOUT_IMPL  # mask generator: 'hash' | 'jax' (layers.Dropout)
-    remat: str = "none"  # recompute layers in the backward: 'none' | 'full' | 'dots'
 
     def __post_init__(self):
-        check_dropout_impl(self.dropout_impl)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unsupported remat={self.remat!r}; supported: {list(REMAT_POLICIES)}")
+        super().__post_init__()
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type={self.model_type!r}; supported: {list(MODEL_TYPES)}")
         get_activation(self.hidden_act, "hidden_act")
@@ -264,16 +260,14 @@ class LlamaDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array], rotary_cs: tuple[Array, Array],
-                 decode: bool = False, deterministic: bool = True) -> tuple[Array, tuple]:
-        outs = []
-        # decode (4) and deterministic (5) are Python bools; no remat while decoding
-        layer_cls = remat_layer(LlamaLayer, "none" if decode else self.config.remat, (4, 5))
-        for i in range(self.config.num_layers):
-            x = layer_cls(self.config, self.dtype, self.slots, name=f"layer_{i}")(
-                x, bias, rotary_cs, decode, deterministic)
-            outs.append(x)
-        h = LayerNorm(eps=self.config.rms_norm_eps, rms=True, dtype=self.dtype, name="final_norm")(x)
-        return h, tuple(outs)
+                 decode: bool = False, deterministic: bool = True,
+                 keep: bool = True) -> tuple[Array, tuple]:
+        c = self.config
+        x, outs = run_layers(LlamaLayer, dict(config=c, dtype=self.dtype, slots=self.slots),
+                             c.num_layers, x, (bias, rotary_cs), (decode, deterministic),
+                             remat="none" if decode else c.remat, scan=c.scan_layers, keep=keep)
+        h = LayerNorm(eps=c.rms_norm_eps, rms=True, dtype=self.dtype, name="final_norm")(x)
+        return h, outs
 
 
 class LlamaModel(nn.Module):
@@ -324,8 +318,9 @@ class LlamaModel(nn.Module):
             bias = make_attention_bias(mask, length, causal=True)
         cos_sin = rotary(c.rope, positions, c.head_dim, c.max_position_embeddings)
 
-        h, layers = LlamaDecoder(c, self.dtype, self.slots, name="decoder")(
-            x, bias, cos_sin, decode, deterministic)
+        decoder = per_layer_delta(LlamaDecoder) if c.scan_layers else LlamaDecoder
+        h, layers = decoder(c, self.dtype, self.slots, name="decoder")(
+            x, bias, cos_sin, decode, deterministic, output_hidden_states)
         hl = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
         if c.tie_word_embeddings:
             logits = embed.attend(hl)

@@ -44,9 +44,10 @@ from peft_jax.models import hf_io
 from peft_jax.models.family import Family, register
 from peft_jax.models.generation import greedy_loop
 from peft_jax.models.hf_io import CheckpointError
-from peft_jax.models.layers import (Attention, Dense, Embed, LayerNorm, Mlp, get_activation,
-                                    make_attention_bias)
+from peft_jax.models.layers import (Attention, Dense, Dropout, Embed, LayerNorm, Mlp,
+                                    get_activation, make_attention_bias)
 from peft_jax.models.slots import NO_SLOTS, Slots
+from peft_jax.models.stack import ModelOptions, per_layer_delta, run_layers
 
 Array = Any
 Dtype = Any
@@ -71,7 +72,7 @@ def parse_feed_forward_proj(value: str, field: str = "feed_forward_proj") -> tup
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelOptions):
     """Hyper-parameters of a T5 model (validated on construction).
 
     ``dense_act_fn`` / ``is_gated_act`` default (None) to what ``feed_forward_proj`` implies.
@@ -104,6 +105,7 @@ class T5Config:
     encoder_only: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         act, gated = parse_feed_forward_proj(self.feed_forward_proj)
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
@@ -274,43 +276,52 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(values, (2, 0, 1))[None]
 
 
+def _position_bias(c: T5Config, is_decoder: bool, dtype: Dtype, slots: Slots, q_len: int,
+                   key_len: int, query_offset: Any) -> Array:
+    """The stack's relative position bias ``[1, heads, q_len, P + key_len]`` from the
+    ``relative_attention_bias`` table of the calling module (a stack's ``layer_0``)."""
+    prefix = slots.kv_prefix_length
+    return RelativePositionBias(
+        c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
+        bidirectional=not is_decoder, dtype=dtype,
+        embedding_init=nn.initializers.normal(c.initializer_factor * c.d_model ** -0.5),
+        name="relative_attention_bias")(q_len, key_len + prefix, query_offset + prefix)
+
+
 class T5Layer(nn.Module):
     """Pre-RMSNorm block: self attention, (decoder) cross attention, FFN; ``[b, l, d]``.
 
-    The first layer (``has_relative_bias``) computes the stack's position bias and returns
-    it; later layers receive it.
+    Carries ``(x, position_bias)``: a layer that receives no bias (the first of an
+    unscanned stack) computes the stack's bias from its ``relative_attention_bias`` table
+    and passes it on.
     """
 
     config: T5Config
     is_decoder: bool
-    has_relative_bias: bool = False
     dtype: Dtype = jnp.float32
     slots: Slots = NO_SLOTS
 
     @nn.compact
-    def __call__(self, x: Array, bias: Optional[Array], position_bias: Optional[Array],
-                 key_len: int, query_offset: Any = 0, encoder_states: Optional[Array] = None,
-                 encoder_bias: Optional[Array] = None, decode: bool = False,
-                 deterministic: bool = True) -> tuple[Array, Array]:
+    def __call__(self, carry: tuple[Array, Optional[Array]], bias: Optional[Array],
+                 query_offset: Any, encoder_states: Optional[Array], encoder_bias: Optional[Array],
+                 key_len: int, decode: bool = False, deterministic: bool = True
+                 ) -> tuple[Array, Array]:
         c = self.config
+        x, position_bias = carry
         f = c.initializer_factor
         norm = lambda name: LayerNorm(eps=c.layer_norm_epsilon, rms=True, use_bias=False,
                                       dtype=self.dtype, name=name)
-        drop = nn.Dropout(c.dropout_rate)
+        drop = Dropout(c.dropout_rate, c.dropout_impl)
 
         def attention(name):
             return Attention(num_heads=c.num_heads, head_dim=c.d_kv, qkv_bias=False, out_bias=False,
-                             scale=1.0, dropout_rate=c.dropout_rate, dtype=self.dtype,
-                             kernel_init=nn.initializers.normal(f * c.d_model ** -0.5),
+                             scale=1.0, dropout_rate=c.dropout_rate, dropout_impl=c.dropout_impl,
+                             dtype=self.dtype, kernel_init=nn.initializers.normal(f * c.d_model ** -0.5),
                              slots=self.slots, name=name)
 
-        if self.has_relative_bias:
-            prefix = self.slots.kv_prefix_length
-            position_bias = RelativePositionBias(
-                c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
-                bidirectional=not self.is_decoder, dtype=self.dtype,
-                embedding_init=nn.initializers.normal(f * c.d_model ** -0.5),
-                name="relative_attention_bias")(x.shape[1], key_len + prefix, query_offset + prefix)
+        if position_bias is None:
+            position_bias = _position_bias(c, self.is_decoder, self.dtype, self.slots, x.shape[1],
+                                           key_len, query_offset)
 
         a = attention("attention")(norm("attention_norm")(x), bias=bias, position_bias=position_bias,
                                    decode=decode, deterministic=deterministic)
@@ -324,7 +335,7 @@ class T5Layer(nn.Module):
             x = x + self.slots.sublayer(self, "cross_attention", a, deterministic)
 
         h = Mlp(d_ff=c.d_ff, activation=c.dense_act_fn, gated=c.is_gated_act, use_bias=False,
-                dropout_rate=c.dropout_rate, dtype=self.dtype,
+                dropout_rate=c.dropout_rate, dropout_impl=c.dropout_impl, dtype=self.dtype,
                 kernel_init=nn.initializers.normal(f * c.d_model ** -0.5), slots=self.slots,
                 name="mlp")(norm("mlp_norm")(x), deterministic)
         h = drop(h, deterministic=deterministic)
@@ -332,10 +343,26 @@ class T5Layer(nn.Module):
         return x, position_bias
 
 
-class T5Stack(nn.Module):
-    """Encoder or decoder stack: dropout, ``layer_{i}``, ``final_norm``, dropout.
+class T5PositionBias(nn.Module):
+    """``layer_0`` of a scanned stack: only the position-bias table (the scanned blocks
+    all receive the bias), so the parameter keeps its unscanned path."""
 
-    Returns (final states ``[b, l, d]``, tuple of every layer's output).
+    config: T5Config
+    is_decoder: bool
+    dtype: Dtype = jnp.float32
+    slots: Slots = NO_SLOTS
+
+    @nn.compact
+    def __call__(self, q_len: int, key_len: int, query_offset: Any) -> Array:
+        return _position_bias(self.config, self.is_decoder, self.dtype, self.slots, q_len,
+                              key_len, query_offset)
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder stack: dropout, ``layer_{i}`` (or scanned ``layers``),
+    ``final_norm``, dropout.
+
+    Returns (final states ``[b, l, d]``, every layer's output when ``keep``).
     """
 
     config: T5Config
@@ -346,7 +373,7 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array, encoder_states: Optional[Array] = None,
                  encoder_mask: Optional[Array] = None, decode: bool = False,
-                 deterministic: bool = True) -> tuple[Array, tuple]:
+                 deterministic: bool = True, keep: bool = True) -> tuple[Array, tuple]:
         """x ``[b, l, d]``; mask ``[b, l]`` (1 = real); encoder_* for the decoder."""
         c = self.config
         q_len = x.shape[1]
@@ -359,18 +386,21 @@ class T5Stack(nn.Module):
             encoder_bias = make_attention_bias(encoder_mask, q_len)
         else:
             bias, encoder_bias = make_attention_bias(mask, q_len), None
-        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-        n_layers = c.num_decoder_layers if self.is_decoder else c.num_layers
-        position_bias, outs = None, []
-        for i in range(n_layers):
-            x, position_bias = T5Layer(c, self.is_decoder, i == 0, self.dtype, self.slots,
-                                       name=f"layer_{i}")(
-                x, bias, position_bias, key_mask.shape[1], offset, encoder_states, encoder_bias,
-                decode, deterministic)
-            outs.append(x)
+        x = Dropout(c.dropout_rate, c.dropout_impl)(x, deterministic=deterministic)
+        position_bias = None
+        if c.scan_layers:
+            position_bias = T5PositionBias(c, self.is_decoder, self.dtype, self.slots,
+                                           name="layer_0")(q_len, key_mask.shape[1], offset)
+        kwargs = dict(config=c, is_decoder=self.is_decoder, dtype=self.dtype, slots=self.slots)
+        (x, _), outs = run_layers(
+            T5Layer, kwargs, c.num_decoder_layers if self.is_decoder else c.num_layers,
+            (x, position_bias), (bias, offset, encoder_states, encoder_bias),
+            (key_mask.shape[1], decode, deterministic), remat="none" if decode else c.remat,
+            scan=c.scan_layers, keep=keep)
         h = LayerNorm(eps=c.layer_norm_epsilon, rms=True, use_bias=False, dtype=self.dtype,
                       name="final_norm")(x)
-        return nn.Dropout(c.dropout_rate)(h, deterministic=deterministic), tuple(outs)
+        h = Dropout(c.dropout_rate, c.dropout_impl)(h, deterministic=deterministic)
+        return h, tuple(o[0] for o in outs)
 
     def _decode_bookkeeping(self, mask: Array) -> tuple[Array, Any]:
         """KV-cache mode: (key mask ``[b, max_len]`` so far, index of this chunk's first query).
@@ -405,9 +435,10 @@ class T5Model(nn.Module):
         c = self.config
         self.shared = Embed(c.vocab_size, c.d_model, axes=("vocab", "embed"), dtype=self.dtype,
                             embedding_init=nn.initializers.normal(c.initializer_factor))
-        self.encoder = T5Stack(c, False, self.dtype, self.slots)
+        stack = per_layer_delta(T5Stack) if c.scan_layers else T5Stack
+        self.encoder = stack(c, False, self.dtype, self.slots)
         if not c.encoder_only:
-            self.decoder = T5Stack(c, True, self.dtype, self.slots)
+            self.decoder = stack(c, True, self.dtype, self.slots)
             if not c.tie_word_embeddings:
                 self.lm_head = Dense(c.vocab_size, use_bias=False, axes=("embed", "vocab"),
                                      dtype=self.dtype,
@@ -426,7 +457,7 @@ class T5Model(nn.Module):
                           else jnp.asarray(attention_mask, jnp.int32))
         x = self.shared(input_ids)
         x, mask, _ = self.slots.input_embeddings(self, x, attention_mask, deterministic)
-        h, layers = self.encoder(x, mask, deterministic=deterministic)
+        h, layers = self.encoder(x, mask, deterministic=deterministic, keep=output_hidden_states)
         out: dict[str, Any] = {"hidden_states": h, "attention_mask": mask}
         if output_hidden_states:
             out["all_hidden_states"] = (x,) + layers
@@ -452,7 +483,8 @@ class T5Model(nn.Module):
                         else jnp.asarray(encoder_mask, jnp.int32))
         x = self.shared(decoder_input_ids)
         h, layers = self.decoder(x, decoder_attention_mask, encoder_hidden_states, encoder_mask,
-                                 decode=decode, deterministic=deterministic)
+                                 decode=decode, deterministic=deterministic,
+                                 keep=output_hidden_states)
         out: dict[str, Any] = {"hidden_states": h, "attention_mask": decoder_attention_mask,
                                "logits": self.lm_logits(h, deterministic)}
         if output_hidden_states:
