@@ -46,9 +46,10 @@ from typing import Any, Callable, Collection, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models import hf_io
+from peft_jax.models import hf_io, quantize
 from peft_jax.models.hf_io import CheckpointError, TensorSource
 from peft_jax.models.slots import NO_SLOTS, Slots
+from peft_jax.models.stack import unstack_layers
 
 KINDS = ("encoder", "decoder", "encoder_decoder")
 HF_TASK_TYPES = {"encoder": "FEATURE_EXTRACTION", "decoder": "CAUSAL_LM",
@@ -156,8 +157,9 @@ class Family:
                                       "config ties them; untied weights are not supported here")
 
     def params_to_hf(self, base: Mapping, config: Any) -> dict[str, np.ndarray]:
-        """Base pytree -> flat HF tensors under their canonical names."""
-        return hf_io.tensors_from_layout(base, self.layout(config))
+        """Base pytree (per-layer or stacked, float or int8) -> flat HF tensors under their
+        canonical names."""
+        return hf_io.tensors_from_layout(per_layer_float(base), self.layout(config))
 
     def open(self, folder: str, **overrides) -> tuple[Any, TensorSource]:
         """``config.json`` -> (config settled against the tensor names, lazy tensor source).
@@ -180,6 +182,12 @@ class Family:
         """Write ``config.json`` + safetensors that ``transformers`` loads."""
         return hf_io.save_safetensors(folder, self.params_to_hf(base, config), config.to_hf(),
                                       max_shard_bytes)
+
+
+def per_layer_float(base: Mapping) -> dict:
+    """The base as Hugging Face files hold it: per layer (``scan_layers`` stacks unstacked)
+    and in floating point (int8 kernels dequantized)."""
+    return unstack_layers(quantize.dequantize(base))
 
 
 def register(family: Family) -> Family:

@@ -412,8 +412,9 @@ def tree_from_layout(tensors: Any, layout: Sequence[LayoutEntry], source: str = 
 
 
 def tensors_from_layout(base: Mapping, layout: Sequence[LayoutEntry], rename: Rename = None,
-                        dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Nested base pytree -> flat HF tensors; a missing or mis-shaped leaf is named."""
+                        dtype: Any = None) -> dict[str, np.ndarray]:
+    """Nested base pytree -> flat HF tensors (in ``dtype``, default: each leaf's own);
+    a missing or mis-shaped leaf is named."""
     import flax.linen as nn
 
     flat = traverse_util.flatten_dict(nn.meta.unbox(base))

@@ -10,8 +10,9 @@ Conventions
   ``peft_jax.parallel`` can shard base weights with one rules table.
 - Attention masks are additive biases ``[b, 1 | h, q, k]`` (0 = attend, large negative =
   masked), built with :func:`make_attention_bias`.
-- Parameters are stored in ``param_dtype`` (fp32); computation runs in ``dtype``
-  (fp32 or bf16); softmax and norms always in fp32.
+- Parameters are created in ``param_dtype`` (fp32); a loaded base may be stored in bf16 or
+  with int8 dense kernels (``models/quantize.py``: ``Dense`` dequantizes inside the matmul);
+  computation runs in ``dtype`` (fp32 or bf16); softmax and norms always in fp32.
 - Dropout masks come from :func:`dropout_keep_mask`: ``impl='hash'`` (default) hashes the
   element index with two key words (one fused element-wise kernel, ~4x cheaper than
   threefry bits on CPU), ``impl='jax'`` draws ``jax.random.bernoulli`` with the key's own
@@ -154,9 +155,14 @@ class Dense(nn.Module):
                             (x.shape[-1], self.features), self.param_dtype)
         bias = (self.param("bias", _init(nn.initializers.zeros, self.axes[1:]),
                            (self.features,), self.param_dtype) if self.use_bias else None)
+        # an int8 base (models/quantize.py): kernel int8 [in, out] * kernel_scale [out]
+        scale = (self.get_variable("params", "kernel_scale")
+                 if self.has_variable("params", "kernel_scale") else None)
 
         def base_fn(inp: Array) -> Array:
             y = jnp.dot(inp.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+            if scale is not None:
+                y = y * jnp.asarray(scale, self.dtype)
             if bias is not None:
                 y = y + jnp.asarray(bias, self.dtype)
             return y
