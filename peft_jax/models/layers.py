@@ -7,7 +7,10 @@ assemble these into blocks and call ``Slots.input_embeddings`` / ``Slots.sublaye
 Conventions
 - Kernels are ``[in, out]`` (HF ``nn.Linear.weight`` is ``[out, in]``: converters transpose).
 - Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that
-  ``peft_jax.parallel`` can shard base weights with one rules table.
+  ``peft_jax.parallel`` can shard base weights with one rules table; activations are
+  constrained by the same table (``parallel.mesh.constrain``: embeddings and every Dense
+  output ``[batch, length, embed | joined_kv | mlp | vocab]``, attention heads
+  ``[batch, length, heads, kv]``) whenever a mesh is set.
 - Attention masks are additive biases ``[b, 1 | h, q, k]`` (0 = attend, large negative =
   masked), built with :func:`make_attention_bias`.
 - Parameters are created in ``param_dtype`` (fp32); a loaded base may be stored in bf16 or
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.slots import NO_SLOTS, Slots
+from peft_jax.parallel.mesh import constrain
 
 Array = Any
 Dtype = Any
@@ -167,9 +171,8 @@ class Dense(nn.Module):
                 y = y + jnp.asarray(bias, self.dtype)
             return y
 
-        if not self.slots:
-            return base_fn(x)
-        return self.slots.dense(self, x, base_fn, deterministic)
+        y = base_fn(x) if not self.slots else self.slots.dense(self, x, base_fn, deterministic)
+        return constrain(y, ("batch", "length", self.axes[1])) if y.ndim == 3 else y
 
 
 class Embed(nn.Module):
@@ -188,11 +191,13 @@ class Embed(nn.Module):
 
     def __call__(self, ids: Array) -> Array:
         """ids ``[b, l]`` int -> ``[b, l, d]``."""
-        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+        return constrain(jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0),
+                         ("batch", "length", self.axes[1]))
 
     def attend(self, x: Array) -> Array:
         """``[b, l, d]`` -> logits ``[b, l, vocab]`` against the (tied) table."""
-        return jnp.dot(x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype).T)
+        y = jnp.dot(x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype).T)
+        return constrain(y, ("batch", "length", self.axes[0]))
 
 
 class LayerNorm(nn.Module):
@@ -312,9 +317,10 @@ class Attention(nn.Module):
         qs = self._dense(h * dh, "query", self.qkv_bias, ("embed", "joined_kv"))(x, deterministic)
         ks = self._dense(h_kv * dh, "key", self.qkv_bias, ("embed", "joined_kv"))(kv_in, deterministic)
         vs = self._dense(h_kv * dh, "value", self.qkv_bias, ("embed", "joined_kv"))(kv_in, deterministic)
-        qs = qs.reshape(b, q_len, h, dh)
-        ks = ks.reshape(b, ks.shape[1], h_kv, dh)
-        vs = vs.reshape(b, vs.shape[1], h_kv, dh)
+        heads = ("batch", "length", "heads", "kv")
+        qs = constrain(qs.reshape(b, q_len, h, dh), heads)
+        ks = constrain(ks.reshape(b, ks.shape[1], h_kv, dh), heads)
+        vs = constrain(vs.reshape(b, vs.shape[1], h_kv, dh), heads)
         if rotary is not None:
             cos, sin = rotary
             qs = apply_rotary(qs, cos, sin)

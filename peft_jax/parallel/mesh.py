@@ -1,7 +1,8 @@
 """Device meshes, the logical-axis rules table, and sharding of base, delta and batches.
 
 One table (:data:`DEFAULT_RULES`) maps the logical axis names that every parameter carries
-(see ``peft_jax.models.layers``) to mesh axes. Base weights follow it (FSDP over ``embed``,
+(see ``peft_jax.models.layers``), and that the models' activations are constrained to
+(:func:`constrain`: ``batch, length, embed | heads, kv | mlp | vocab``), to mesh axes. Base weights follow it (FSDP over ``embed``,
 tensor parallel over ``mlp``/``joined_kv``/``vocab``); deltas are replicated by default
 (they are small); batches are sharded over ``data`` (and ``fsdp``) on their leading axis.
 
@@ -155,6 +156,30 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Array]
         else:
             out[k] = jax.make_array_from_process_local_data(sh, v)
     return out
+
+
+def constrain(x: Array, logical_axes: Sequence[Optional[str]],
+              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Array:
+    """Activation sharding constraint from logical axes (``("batch", "length", "embed")``)
+    by the same rules table as the parameters, under the mesh of :func:`under_mesh` /
+    ``jax.set_mesh``; the identity when no mesh is set (single-device code)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or len(logical_axes) != x.ndim:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(logical_axes, x.shape, mesh, rules))
+
+
+def under_mesh(fn: Any, mesh: Optional[Mesh]) -> Any:
+    """``fn`` called (and so traced) with ``mesh`` set, so that the models' activation
+    constraints (:func:`constrain`) apply; ``mesh=None``: ``fn`` itself."""
+    if mesh is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
