@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = "mean"           # for classification/regression heads
     c.model.dropout_impl = "hash"      # dropout masks: hash (one fused kernel) | jax (threefry bits)
     c.model.remat = "none"             # recompute layers in the backward: none | full | dots
+    c.model.param_dtype = "auto"       # frozen-base storage: auto (the checkpoint's) | float32 | bfloat16
+    c.model.quantize = "none"          # frozen base: none | int8 (weight-only, per output channel)
+    c.model.scan_layers = False        # one nn.scan over the blocks (compile time flat in depth)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "sst2"               # a registered task (peft_jax.data) or "file"
@@ -220,6 +223,8 @@ def validate(cfg, n_devices: int = 0) -> None:
     check_choice(cfg, "model.pooling", POOLINGS)
     check_choice(cfg, "model.dropout_impl", ("hash", "jax"))
     check_choice(cfg, "model.remat", ("none", "full", "dots"))
+    check_choice(cfg, "model.param_dtype", ("auto", "float32", "bfloat16"))
+    check_choice(cfg, "model.quantize", ("none", "int8"))
     check_choice(cfg, "optim.optimizer", ("adamw", "adafactor", "sgd"))
     check_choice(cfg, "optim.schedule", ("constant", "linear", "cosine"))
     check_choice(cfg, "task.demonstrations", ("", "random", "similarity"))
@@ -260,6 +265,17 @@ def validate(cfg, n_devices: int = 0) -> None:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be positive")
     if cfg.train.grad_accum <= 0:
         raise ConfigError(f"config.train.grad_accum={cfg.train.grad_accum} must be positive")
+    if cfg.model.quantize != "none" and any(method_class(n).exclusive for n in names):
+        raise ConfigError(f"config.model.quantize={cfg.model.quantize!r}: an int8 base is frozen; "
+                          "full fine-tuning needs float weights (config.model.quantize='none')")
+    if cfg.model.scan_layers:   # every scanned layer is one module: no per-layer selection
+        for name in (n for n in names if n in cfg.peft):
+            for field, value in cfg.peft[name].items():
+                if isinstance(value, str) and "layer_" in value:
+                    raise ConfigError(
+                        f"config.peft.{name}.{field}={value!r} selects layers by index, which "
+                        "config.model.scan_layers=True cannot do; match module names or set "
+                        "config.model.scan_layers=False")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"config.train.grad_accum={cfg.train.grad_accum}")

@@ -17,6 +17,7 @@ import pytest
 
 from peft_jax.models import quantize, stack, streaming
 from peft_jax.models.bert import BERT, BertConfig
+from peft_jax.models.family import base_fingerprint
 from peft_jax.models.gguf import open_gguf
 from peft_jax.models.hf_io import CheckpointError, save_safetensors
 from peft_jax.models.llama import LLAMA, LlamaConfig
@@ -107,6 +108,16 @@ def test_gguf_source_streams(tmp_path):
     got_config, src = open_gguf(path)
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     _check(streaming.load_sharded(LLAMA, got_config, src, mesh), base, mesh, LLAMA, got_config)
+    assert streaming.source_fingerprint(LLAMA, got_config, src) == base_fingerprint(base)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_source_fingerprint_is_the_in_memory_hash(dtype, tmp_path):
+    """Sampled from the checkpoint rows alone == base_fingerprint of the fp32 in-memory load."""
+    for family, (fam, config) in CASES.items():
+        config, src = _save(fam, config, str(tmp_path / family), dtype=dtype)
+        assert streaming.source_fingerprint(fam, config, src) == base_fingerprint(
+            fam.params_from_hf(src, config)), family
 
 
 def test_stray_tensor_refused_before_loading(tmp_path):

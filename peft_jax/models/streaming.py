@@ -36,7 +36,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from peft_jax.models import hf_io, quantize
-from peft_jax.models.family import Family
+from peft_jax.models.family import Family, fingerprint, sample_index
 from peft_jax.models.hf_io import CheckpointError, TensorSource
 from peft_jax.models.stack import STACKED
 from peft_jax.parallel.mesh import DEFAULT_RULES, spec_for
@@ -52,9 +52,12 @@ def abstract_base(family: Family, config: Any, quant: str = "none") -> dict:
     return quantize.abstract_quantized(boxed) if quant == "int8" else boxed
 
 
-def checkpoint_dtype(source: TensorSource, names: Sequence[str]) -> np.dtype:
-    """The storage dtype of a checkpoint: bfloat16 if its weights are, else float32."""
-    dtypes = [source.info(n)[1] for n in names]
+def checkpoint_dtype(family: Family, config: Any, source: TensorSource) -> np.dtype:
+    """The storage dtype of a checkpoint: bfloat16 if most of its weights are, else float32
+    (float16 checkpoints load as float32)."""
+    rename = family.rename(config, source)
+    names = [rename(hf) if rename else hf for _, hf, _, _ in family.layout(config)]
+    dtypes = [source.info(n)[1] for n in names if n in source]
     bf16 = quantize.PARAM_DTYPES["bfloat16"]
     return bf16 if dtypes and sum(d == bf16 for d in dtypes) * 2 > len(dtypes) else np.dtype(np.float32)
 
@@ -120,6 +123,27 @@ def _key(idx: tuple, shape: tuple) -> tuple:
     return tuple(s.indices(n)[:2] for s, n in zip(idx, shape))
 
 
+def source_fingerprint(family: Family, config: Any, source: TensorSource,
+                       samples: int = 1024) -> str:
+    """The base content hash (:func:`peft_jax.models.family.fingerprint`) of the per-layer
+    float32 base this checkpoint loads to, from sampled elements only: equal to
+    ``base_fingerprint`` of the in-memory load, whatever the storage dtype, int8 or
+    ``scan_layers`` of this run (all processes compute it alone, without collectives)."""
+    rename = family.rename(config, source)
+    items = []
+    for path, hf, kind, shape in family.layout(config):
+        name = rename(hf) if rename else hf
+        ours = np.unravel_index(sample_index(int(np.prod(shape)), samples), shape)
+        hf_at = ours[::-1] if kind == "linear" else ours
+        if source.cheap_rows:
+            rows = {r: source.read(name, slice(r, r + 1))[0] for r in np.unique(hf_at[0])}
+            values = [rows[r][tuple(c[j] for c in hf_at[1:])] for j, r in enumerate(hf_at[0])]
+        else:
+            values = source.read(name)[hf_at]
+        items.append(("/".join(path), np.float32, tuple(shape), np.asarray(values, np.float32)))
+    return fingerprint(items, samples)
+
+
 def load_sharded(family: Family, config: Any, source: TensorSource, mesh: Mesh, *,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, param_dtype: Any = None,
                  quant: str = "none") -> dict:
@@ -135,7 +159,7 @@ def load_sharded(family: Family, config: Any, source: TensorSource, mesh: Mesh, 
     names = hf_io.check_layout(source, layout, rename, family.expected_extras(config, rename))
     family.check_tied(config, source, rename)
     dtype = np.dtype(param_dtype) if param_dtype is not None else checkpoint_dtype(
-        source, list(names.values()))
+        family, config, source)
 
     boxed = traverse_util.flatten_dict(abstract_base(family, config, quant))
     leaves = {p: nn.meta.unbox(b) for p, b in boxed.items()}

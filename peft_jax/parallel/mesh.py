@@ -169,17 +169,28 @@ def constrain(x: Array, logical_axes: Sequence[Optional[str]],
     return jax.lax.with_sharding_constraint(x, spec_for(logical_axes, x.shape, mesh, rules))
 
 
+class _UnderMesh:
+    """A jitted function called (and lowered) with a mesh set; other attributes forward."""
+
+    def __init__(self, fn: Any, mesh: Mesh):
+        self._fn, self._mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self._mesh):
+            return self._fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self._mesh):
+            return self._fn.lower(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
+
+
 def under_mesh(fn: Any, mesh: Optional[Mesh]) -> Any:
     """``fn`` called (and so traced) with ``mesh`` set, so that the models' activation
     constraints (:func:`constrain`) apply; ``mesh=None``: ``fn`` itself."""
-    if mesh is None:
-        return fn
-
-    def wrapped(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
-
-    return wrapped
+    return fn if mesh is None else _UnderMesh(fn, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -39,6 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import numpy as np
 
+from peft_jax.models.family import base_fingerprint  # noqa: F401  (the base hash, re-exported)
 from peft_jax.models.hf_io import CheckpointError
 from peft_jax.peft.partition import leaf_paths
 
@@ -61,27 +62,6 @@ def peft_jax_version() -> str:
 
 
 # ----------------------------------------------------------------------------- base hash
-
-
-def _sample(x: Any, samples: int) -> np.ndarray:
-    x = nn.meta.unbox(x)
-    n = int(np.prod(np.shape(x), dtype=np.int64))
-    step = max(1, n // samples) if samples > 0 else max(n, 1)
-    # on a jax array the slice runs on device: only the sample is transferred
-    sub = x.reshape(-1)[::step][:samples]
-    return np.ascontiguousarray(np.asarray(sub))
-
-
-def base_fingerprint(base: Any, samples: int = 1024) -> str:
-    """``"sha256:<hex>"`` content hash of a base pytree (see the module docstring)."""
-    h = hashlib.sha256()
-    h.update(f"peft_jax.base_fingerprint/v1/samples={samples}\n".encode())
-    for path, leaf in sorted(leaf_paths(base), key=lambda t: t[0]):
-        leaf = nn.meta.unbox(leaf)
-        dtype = np.dtype(leaf.dtype)
-        h.update(f"{path}|{dtype.str}|{dtype.name}|{tuple(np.shape(leaf))}\n".encode())
-        h.update(_sample(leaf, samples).astype(dtype, copy=False).tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- method configs

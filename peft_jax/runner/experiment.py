@@ -21,8 +21,9 @@ from peft_jax import defaults
 from peft_jax.config import ConfigError
 from peft_jax.data.templates import verbalizer_words
 from peft_jax.data.tokenize import text_to_text_words
-from peft_jax.models.registry import load_pretrained
+from peft_jax.models.registry import load_pretrained, with_storage
 from peft_jax.models.slots import Slots
+from peft_jax.models.stack import unstack_layers
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import base_fingerprint
 from peft_jax.peft.heads import Head
@@ -113,8 +114,9 @@ def with_model_options(pre: Any, cfg) -> Any:
 
 def model_info(pre: Any) -> ModelInfo:
     """Shapes the methods check against (``PeftMethod.check_model``)."""
+    per_layer = jax.eval_shape(unstack_layers, pre.base)  # shapes only (scanned bases too)
     dense = {p: tuple(int(s) for s in mod["kernel"].shape[:2])
-             for p, mod in tree.modules_with(pre.base, "kernel")
+             for p, mod in tree.modules_with(per_layer, "kernel")
              if getattr(mod["kernel"], "ndim", 0) == 2}
     return ModelInfo(dense=dense, d_model=pre.d_model, kind=pre.kind,
                      has_lm_head=pre.kind != "encoder" or bool(getattr(pre.config, "with_mlm_head", False)))
@@ -162,17 +164,27 @@ def check_experiment(cfg, pretrained: Any) -> None:
     build_methods(cfg, with_model_options(pretrained, cfg), load_task(cfg))
 
 
-def build_experiment(cfg, pretrained: Any = None, bare: bool = False) -> Experiment:
-    """Validate the config, load the base (or take ``pretrained``) and the task.
+def storage_options(cfg) -> dict:
+    """``config.model`` storage keys as ``load_pretrained`` / ``with_storage`` arguments."""
+    m = cfg.model
+    return dict(param_dtype=None if m.param_dtype == "auto" else m.param_dtype,
+                quantize=m.quantize, scan_layers=bool(m.scan_layers))
+
+
+def build_experiment(cfg, pretrained: Any = None, bare: bool = False, mesh: Any = None) -> Experiment:
+    """Validate the config, load the base (or take ``pretrained``) and the task; with
+    ``mesh`` the base is streamed straight into its shards (``models/streaming.py``).
 
     ``bare``: no PEFT method, the plain base model (zero-shot); only the task head the
     format needs is kept."""
     task = preflight(cfg)
-    pre = with_model_options(pretrained or load_pretrained(cfg.model.name), cfg)
+    pre = with_model_options(with_storage(pretrained, **storage_options(cfg)) if pretrained
+                             else load_pretrained(cfg.model.name, mesh=mesh, **storage_options(cfg)),
+                             cfg)
     methods = build_methods(cfg, pre, task)
     if bare:
         methods = tuple(m for m in methods if isinstance(m, Head))
     model = pre.build(Slots(methods, dropout_impl=cfg.model.dropout_impl), DTYPES[cfg.model.dtype])
     return Experiment(cfg=cfg, pre=pre, task=task, methods=methods, model=model,
                       base_id=str(getattr(pre, "name", cfg.model.name)),
-                      base_hash=base_fingerprint(pre.base))
+                      base_hash=pre.fingerprint or base_fingerprint(pre.base))

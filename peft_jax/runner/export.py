@@ -17,6 +17,7 @@ import numpy as np
 
 from peft_jax import defaults
 from peft_jax.config import ConfigError
+from peft_jax.models.family import per_layer_float
 from peft_jax.models.registry import save_pretrained
 from peft_jax.peft import delta_io, tree
 from peft_jax.peft.heads import Head
@@ -111,7 +112,7 @@ def export_experiment(cfg, fmt: str, out: str, which: str = "latest") -> str:
         except NotSupported as e:
             raise ConfigError(f"hf-peft export: {e} (use --format delta)") from None
     else:
-        base = assemble(jax.device_get(s.frozen), jax.device_get(trainable))["params"]
+        base = per_layer_float(assemble(jax.device_get(s.frozen), jax.device_get(trainable))["params"])
         try:
             base = merge(base, delta, exp.methods)
         except NotSupported as e:

@@ -23,7 +23,7 @@ from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
 from peft_jax.data.tokenize import pad_token_id
 from peft_jax.parallel import distributed
-from peft_jax.parallel.mesh import make_mesh, shard_batch
+from peft_jax.parallel.mesh import make_mesh, shard_batch, under_mesh
 from peft_jax.peft.delta_io import load_delta, methods_config, tree_spec
 from peft_jax.peft.optim import optimizer_from_config
 from peft_jax.peft import tree
@@ -163,7 +163,8 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) 
     if data not in DATA_MODES:
         raise ValueError(f"setup: data={data!r}; choose one of {DATA_MODES}")
     distributed.initialize()
-    exp = build_experiment(cfg, pretrained, bare=bare)
+    mesh = make_mesh(dict(cfg.mesh))
+    exp = build_experiment(cfg, pretrained, bare=bare, mesh=mesh)
     c = cfg.train
     train_enc = eval_enc = batches = None
     if data == "train":
@@ -177,13 +178,13 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) 
         eval_enc = encode_split(exp, eval_ex,
                                 demonstration_pool(exp) if cfg.task.demonstrations else None)
     spec = format_spec(exp, train_enc if train_enc is not None else eval_enc)
-    mesh = make_mesh(dict(cfg.mesh))
     transform = (lambda tr: init_from_delta(tr, c.init_from, exp)) if c.init_from else None
     ts = build_train_state(
         exp.model, exp.pre.base, exp.methods, init_inputs(exp), jax.random.PRNGKey(cfg.seed),
         lambda tr: optimizer_from_config(cfg.optim, tr, exp.methods, c.steps), mesh=mesh,
         transform=transform, abstract=data != "train" and not bare)
-    predict = jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables))
+    predict = under_mesh(jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables)),
+                         mesh)
     return Session(exp=exp, spec=spec, ts=ts, batches=batches, train_enc=train_enc,
                    eval_enc=eval_enc, predict=predict,
                    shard=lambda b: shard_batch(model_batch(b), mesh), meta_base=meta_base(exp))

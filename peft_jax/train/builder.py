@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peft_jax.models import quantize
 from peft_jax.models.slots import Slots
 from peft_jax.parallel.mesh import logical_axes_tree, shardings_for
 from peft_jax.peft import tree
@@ -72,19 +73,24 @@ def _match(tree: Any, axes: Any) -> Any:
     return axes if isinstance(axes, tuple) else None
 
 
-def base_axes(model: Any, inputs: Mapping[str, Array]) -> Any:
-    """Logical-axis tuples of every base leaf, from an abstract init of the plain model."""
+def base_axes(model: Any, inputs: Mapping[str, Array], int8: bool = False) -> Any:
+    """Logical-axis tuples of every base leaf, from an abstract init of the plain model
+    (``int8``: as stored with int8 kernels and their scales)."""
     plain = model.clone(slots=Slots())
     arrays = {k: v for k, v in inputs.items() if hasattr(v, "shape")}
     static = {k: v for k, v in inputs.items() if k not in arrays}
     abstract = jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), **arrays, **static))
-    return logical_axes_tree(abstract["params"])
+    return logical_axes_tree(quantize.abstract_quantized(abstract["params"]) if int8
+                             else abstract["params"])
 
 
 def _split(model: Any, base: Any, methods: tuple, inputs: Mapping[str, Array], rng: Array,
            transform: Optional[Callable[[Any], Any]]) -> tuple[Any, Any]:
     delta = init_delta(model, base, inputs, rng, methods) if methods else {}
     trainable, frozen = split_trainable(base, delta, methods=methods)
+    # base leaves a method trains (BitFit, full) leave a bf16 base in fp32: fp32 updates
+    trainable = jax.tree.map(lambda a: a.astype(jnp.float32)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a, trainable)
     return (transform(trainable) if transform is not None else trainable), frozen
 
 
@@ -123,7 +129,7 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
         state = TrainState.create(trainable, tx, k_state)
     state_sh = frozen_sh = None
     if mesh is not None:
-        axes = base_axes(model, inputs)
+        axes = base_axes(model, inputs, quantize.is_quantized(base))
         frozen_sh = {BASE_KEY: shardings_for(frozen[BASE_KEY], mesh,
                                              _match(frozen[BASE_KEY], axes)),
                      DELTA_KEY: shardings_for(frozen[DELTA_KEY], mesh)}

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peft_jax.parallel.mesh import under_mesh
+
 Array = Any
 # loss_fn(variables, batch, dropout_rng, deterministic) -> (loss, metrics dict of scalars)
 LossFn = Callable[[dict, dict, Array, bool], tuple[Array, dict]]
@@ -120,9 +122,11 @@ def make_eval_step(predict_fn: Callable[[dict, dict], Any], assemble: AssembleFn
 
 def jit_train_step(train_step: Callable, state_sharding: Any = None, frozen_sharding: Any = None,
                    batch_sharding: Any = None) -> Callable:
-    """jit with the state donated (its buffers are reused for the new state)."""
+    """jit with the state donated (its buffers are reused for the new state); with
+    shardings, traced under their mesh (the models' activation constraints apply)."""
     kw = {}
     if state_sharding is not None:
         kw = dict(in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                   out_shardings=(state_sharding, None))
-    return jax.jit(train_step, donate_argnums=(0,), **kw)
+    mesh = next((s.mesh for s in jax.tree.leaves(state_sharding) if hasattr(s, "mesh")), None)
+    return under_mesh(jax.jit(train_step, donate_argnums=(0,), **kw), mesh)
