@@ -4,7 +4,6 @@ checks (one line naming the key, before anything loads)."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys

@@ -9,8 +9,8 @@ Conventions
 - Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that
   ``peft_jax.parallel`` can shard base weights with one rules table; activations are
   constrained by the same table (``parallel.mesh.constrain``: embeddings and every Dense
-  output ``[batch, length, embed | joined_kv | mlp | vocab]``, attention heads
-  ``[batch, length, heads, kv]``) whenever a mesh is set.
+  output ``[batch, length, embed | joined_kv | mlp]``, attention heads ``[batch, length,
+  heads, kv]``, LM logits ``[vocab_batch, length, vocab]``) whenever a mesh is set.
 - Attention masks are additive biases ``[b, 1 | h, q, k]`` (0 = attend, large negative =
   masked), built with :func:`make_attention_bias`.
 - Parameters are created in ``param_dtype`` (fp32); a loaded base may be stored in bf16 or
@@ -139,6 +139,12 @@ def _init(init: Callable, axes: Sequence[Optional[str]]):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def _batch_axis(feature_axis: Optional[str]) -> str:
+    """Logical batch axis of an activation: LM logits are vocab-parallel (``vocab_batch``:
+    their batch is not split over the devices that hold vocabulary rows)."""
+    return "vocab_batch" if feature_axis == "vocab" else "batch"
+
+
 class Dense(nn.Module):
     """``y = x @ kernel + bias`` with a PEFT ``dense`` slot.
 
@@ -172,7 +178,7 @@ class Dense(nn.Module):
             return y
 
         y = base_fn(x) if not self.slots else self.slots.dense(self, x, base_fn, deterministic)
-        return constrain(y, ("batch", "length", self.axes[1])) if y.ndim == 3 else y
+        return constrain(y, (_batch_axis(self.axes[1]), "length", self.axes[1])) if y.ndim == 3 else y
 
 
 class Embed(nn.Module):
@@ -197,7 +203,7 @@ class Embed(nn.Module):
     def attend(self, x: Array) -> Array:
         """``[b, l, d]`` -> logits ``[b, l, vocab]`` against the (tied) table."""
         y = jnp.dot(x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype).T)
-        return constrain(y, ("batch", "length", self.axes[0]))
+        return constrain(y, (_batch_axis(self.axes[0]), "length", self.axes[0]))
 
 
 class LayerNorm(nn.Module):

@@ -161,3 +161,11 @@ def with_storage(pre: Pretrained, param_dtype: Any = None, quantize: str = "none
         pre, base=stored(pre.base, param_dtype, quantize, scan_layers),
         fingerprint=pre.fingerprint or base_fingerprint(pre.base),
         config=dataclasses.replace(pre.config, scan_layers=scan_layers))
+
+
+def save_pretrained(pre: Pretrained, folder: str, base: Any = None) -> None:
+    """Write a HF folder (config.json + safetensors + tokenizer) that transformers loads
+    (per layer, float: a scanned or int8 base is unstacked and dequantized)."""
+    pre.family.save(folder, pre.config, pre.base if base is None else base)
+    if pre.tokenizer is not None and hasattr(pre.tokenizer, "save_pretrained"):
+        pre.tokenizer.save_pretrained(folder)

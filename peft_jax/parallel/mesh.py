@@ -2,7 +2,10 @@
 
 One table (:data:`DEFAULT_RULES`) maps the logical axis names that every parameter carries
 (see ``peft_jax.models.layers``), and that the models' activations are constrained to
-(:func:`constrain`: ``batch, length, embed | heads, kv | mlp | vocab``), to mesh axes. Base weights follow it (FSDP over ``embed``,
+(:func:`constrain`: ``batch, length, embed | heads, kv | mlp``), to mesh axes. Vocabulary
+tables and LM logits are vocab-parallel: the table's rows are sharded over ``tensor`` x
+``fsdp`` and logits ``[vocab_batch, length, vocab]`` keep their batch over ``data`` only,
+so no device ever gathers the whole table (a 128k x 2k table is 1 GB in fp32). Base weights follow it (FSDP over ``embed``,
 tensor parallel over ``mlp``/``joined_kv``/``vocab``); deltas are replicated by default
 (they are small); batches are sharded over ``data`` (and ``fsdp``) on their leading axis.
 
@@ -26,7 +29,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical axis -> mesh axis (or None = replicated). First match wins (flax convention).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
+    ("vocab_batch", "data"),
+    ("vocab", ("tensor", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("joined_kv", "tensor"),
