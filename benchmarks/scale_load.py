@@ -137,40 +137,38 @@ def _lora_step(pre_family, config):
 
 
 def train(pre, mesh, a) -> dict:
-    """LoRA steps on random tokens: compile time (first call) and median step time."""
+    """LoRA steps on random tokens (the train state from the one builder): compile time
+    (first call) and median step time."""
     import jax
     import numpy as np
 
-    from peft_jax.parallel.mesh import shard_batch, shardings_for, under_mesh
-    from peft_jax.peft import init_delta, partition
-    from peft_jax.train.step import TrainState, jit_train_step, make_train_step
+    from peft_jax.parallel.mesh import shard_batch
+    from peft_jax.peft import partition
+    from peft_jax.train.builder import build_train_state
+    from peft_jax.train.step import jit_train_step, make_train_step
 
     model, loss_fn, make_tx = _lora_step(pre.family, pre.config)
+    rows = a.batch // jax.process_count()
     rng = np.random.default_rng(jax.process_index())
-    host = {"input_ids": rng.integers(3, pre.config.vocab_size, (a.batch // jax.process_count(), a.seq)
-                                      ).astype(np.int32),
-            "attention_mask": np.ones((a.batch // jax.process_count(), a.seq), np.int32)}
-    delta = init_delta(model, pre.base, pre.family.init_inputs({k: v[:1, :4] for k, v in host.items()}),
-                       jax.random.PRNGKey(1))
-    trainable, frozen = partition.split_trainable(pre.base, delta)
-    tx = make_tx(trainable)
-    state = TrainState.create(trainable, tx, jax.random.PRNGKey(2))
-    state_sh = shardings_for(state, mesh)
-    state = jax.device_put(state, state_sh)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    step = under_mesh(jit_train_step(make_train_step(loss_fn, partition.assemble, tx), state_sh,
-                                     frozen_sh, None), mesh)
+    host = {"input_ids": rng.integers(3, pre.config.vocab_size, (rows, a.seq)).astype(np.int32),
+            "attention_mask": np.ones((rows, a.seq), np.int32)}
+    ts = build_train_state(model, pre.base, model.slots.methods,
+                           pre.family.init_inputs({k: v[:1, :4] for k, v in host.items()}),
+                           jax.random.PRNGKey(1), make_tx, mesh=mesh)
+    step = jit_train_step(make_train_step(loss_fn, ts.variables, ts.tx), ts.state_sh, ts.frozen_sh,
+                          None)
     batch = shard_batch(host, mesh)
-    state, metrics, (first,) = common.timed_steps(step, state, frozen, batch, 1)
-    state, metrics, times = common.timed_steps(step, state, frozen, batch, a.steps)
+    state, metrics, (first,) = common.timed_steps(step, ts.state, ts.frozen, batch, 1)
+    state, metrics, times = common.timed_steps(step, state, ts.frozen, batch, a.steps)
     med = common.median(times)
     return dict(compile_s=max(first - med, 0.0), step_s=med, loss=float(metrics["loss"]),
                 tokens_per_step=a.batch * a.seq, peak_rss_after_train_mb=common.peak_rss_mb(),
-                lora_params=partition.tree_size(trainable))
+                lora_params=partition.tree_size(state.trainable))
 
 
 def compile_times(a) -> dict:
-    """Train-step compile time from abstract shapes (no weights): scan 16 vs 2 layers."""
+    """Train-step compile time from abstract shapes (no weights, no data): the step of
+    ``train`` lowered and compiled for 2 and 16 layers, scanned and unscanned."""
     import dataclasses
 
     import flax.linen as nn
@@ -179,10 +177,9 @@ def compile_times(a) -> dict:
 
     from peft_jax.models import streaming
     from peft_jax.models.llama import LLAMA
-    from peft_jax.parallel.mesh import (batch_sharding, logical_axes_tree, make_mesh, shardings_for,
-                                        under_mesh)
+    from peft_jax.parallel.mesh import batch_sharding, logical_axes_tree, make_mesh, shardings_for
     from peft_jax.peft import init_delta, partition
-    from peft_jax.train.step import TrainState, make_train_step
+    from peft_jax.train.step import TrainState, jit_train_step, make_train_step
 
     mesh = make_mesh({"fsdp": 8})
     out = {}
@@ -191,19 +188,22 @@ def compile_times(a) -> dict:
         model, loss_fn, make_tx = _lora_step(LLAMA, config)
         boxed = streaming.abstract_base(LLAMA, config)
         base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), nn.meta.unbox(boxed))
-        base_sh = shardings_for(base, mesh, logical_axes_tree(boxed))
-        batch = {k: jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32) for k in ("input_ids", "attention_mask")}
+        batch = {k: jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
+                 for k in ("input_ids", "attention_mask")}
         dummy = {k: jnp.ones((1, 4), jnp.int32) for k in batch}
-        delta = jax.eval_shape(lambda b: init_delta(model, b, dummy, jax.random.PRNGKey(1)), base)
-        trainable, base = partition.split_trainable(base, delta)
+        methods = model.slots.methods
+        delta = jax.eval_shape(lambda b: init_delta(model, b, dummy, jax.random.PRNGKey(1), methods), base)
+        trainable, frozen = partition.split_trainable(base, delta, methods=methods)
         tx = make_tx(trainable)
         state = jax.eval_shape(lambda d: TrainState.create(d, tx, jax.random.PRNGKey(2)), trainable)
         state_sh = shardings_for(state, mesh)
-        fn = jax.jit(make_train_step(loss_fn, partition.assemble, tx),
-                     in_shardings=(state_sh, base_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
+        frozen_sh = {partition.BASE_KEY: shardings_for(base, mesh, logical_axes_tree(boxed)),
+                     partition.DELTA_KEY: shardings_for(frozen[partition.DELTA_KEY], mesh)}
+        step = jit_train_step(make_train_step(loss_fn, partition.variables_fn(methods), tx),
+                              state_sh, frozen_sh, batch_sharding(mesh))
         key = f"{'scan' if scan else 'loop'}_{layers}_s"
         t0 = time.perf_counter()
-        under_mesh(lambda: fn.lower(state, base, batch).compile(), mesh)()
+        step.lower(state, frozen, batch).compile()
         out[key] = time.perf_counter() - t0
         print(f"[compile] {layers} layers, scan={scan}: {out[key]:.1f} s", flush=True)
     out["scan_16_over_2"] = out["scan_16_s"] / out["scan_2_s"]

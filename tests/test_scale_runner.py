@@ -44,13 +44,13 @@ def test_scanned_sharded_run_equals_single_device(tiny):
     one = _run(tiny_config(model, task, str(root / "one"), "lora", **{"model.scan_layers": True}))
     eight = _run(tiny_config(model, task, str(root / "eight"), "lora", **{
         "model.scan_layers": True, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
-    frozen = jax.tree.leaves(eight["frozen"])
+    frozen = jax.tree.leaves(eight.frozen)
     assert any(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated for a in frozen)
-    assert "layers" in eight["frozen"]["encoder"]
+    assert "layers" in eight.frozen["params"]["encoder"]
     a, b = _delta_file(str(root / "one")), _delta_file(str(root / "eight"))
     assert sorted(a) == sorted(b) and any("/layer_1/" in k for k in a)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
-    assert eight["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+    assert eight.row["metrics"] == pytest.approx(one.row["metrics"], abs=1e-6)
 
 
 def test_base_identity_does_not_depend_on_storage(tiny):
@@ -74,19 +74,19 @@ def test_base_identity_does_not_depend_on_storage(tiny):
 def test_bf16_and_int8_bases_train_and_delta_moves_between_them(tiny):
     model, task, root = tiny
     bf16 = _run(tiny_config(model, task, str(root / "bf16"), "lora", **{"model.param_dtype": "bfloat16"}))
-    dtypes = {a.dtype for a in jax.tree.leaves(bf16["frozen"])}
+    dtypes = {a.dtype for a in jax.tree.leaves(bf16.frozen["params"])}
     assert dtypes == {np.dtype(ml_dtypes.bfloat16)}
-    assert {a.dtype for a in jax.tree.leaves(bf16["state"].trainable)} == {np.dtype(np.float32)}
+    assert {a.dtype for a in jax.tree.leaves(bf16.state.trainable)} == {np.dtype(np.float32)}
     q = _run(tiny_config(model, task, str(root / "int8"), "lora,bitfit", **{
         "model.quantize": "int8", "model.scan_layers": True, "mesh.fsdp": 4}))
-    kernels = [a for p, a in jax.tree_util.tree_flatten_with_path(q["frozen"])[0]
+    kernels = [a for p, a in jax.tree_util.tree_flatten_with_path(q.frozen["params"])[0]
                if p[-1].key == "kernel"]
     assert kernels and all(k.dtype == np.int8 for k in kernels)
-    assert np.isfinite(q["metrics"]["accuracy"])
+    assert np.isfinite(q.row["metrics"]["accuracy"])
     # the int8 + scanned run's delta starts an fp32 unscanned run (same base identity)
     again = _run(tiny_config(model, task, str(root / "from_int8"), "lora,bitfit", **{
         "train.init_from": str(root / "int8" / "delta")}))
-    assert np.isfinite(again["metrics"]["accuracy"])
+    assert np.isfinite(again.row["metrics"]["accuracy"])
 
 
 @pytest.mark.parametrize("over,key", [

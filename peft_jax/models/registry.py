@@ -118,7 +118,8 @@ def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: boo
     family = family_of(path)
     gguf_file = path.endswith(".gguf")
     config, source = gguf.open_gguf(path) if gguf_file else family.open(path, **family_kwargs)
-    config = dataclasses.replace(config, scan_layers=scan_layers)
+    if scan_layers:   # a ModelOptions field (families whose configs lack it are never scanned)
+        config = dataclasses.replace(config, scan_layers=True)
     if mesh is not None:
         base = streaming.load_sharded(family, config, source, mesh, rules=rules,
                                       param_dtype=param_dtype, quant=quantize)
@@ -152,15 +153,16 @@ def with_storage(pre: Pretrained, param_dtype: Any = None, quantize: str = "none
                  scan_layers: bool = False) -> Pretrained:
     """``pre`` as loaded without storage options (per-layer, float, on the host) converted
     by :func:`stored`; its fingerprint is taken first, so it names the same base either way."""
-    if param_dtype is None and quantize == "none" and scan_layers == pre.config.scan_layers:
+    scanned = bool(getattr(pre.config, "scan_layers", False))
+    if param_dtype is None and quantize == "none" and scan_layers == scanned:
         return pre
-    if pre.config.scan_layers or quantize_lib.is_quantized(pre.base):
+    if scanned or quantize_lib.is_quantized(pre.base):
         raise ValueError(f"{pre.name}: the base is already stored scanned / int8; load it with "
                          "the wanted options instead")
     return dataclasses.replace(
         pre, base=stored(pre.base, param_dtype, quantize, scan_layers),
         fingerprint=pre.fingerprint or base_fingerprint(pre.base),
-        config=dataclasses.replace(pre.config, scan_layers=scan_layers))
+        config=dataclasses.replace(pre.config, scan_layers=True) if scan_layers else pre.config)
 
 
 def save_pretrained(pre: Pretrained, folder: str, base: Any = None) -> None:
