@@ -114,9 +114,19 @@ class _Leaf:
             piece[dst] = arr[src]
 
     def array(self) -> jax.Array:
-        arrays = [jax.device_put(self.pieces[_key(idx, self.shape)], d) for d, idx in self.index.items()]
-        self.pieces = {}
-        return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
+        """The global array; each host piece is dropped as soon as its devices hold it, so
+        a leaf is never twice in host memory (on CPU the device buffers are host memory)."""
+        devices: dict[tuple, list] = {}
+        for d, idx in self.index.items():
+            devices.setdefault(_key(idx, self.shape), []).append(d)
+        arrays = {}
+        for key, ds in devices.items():
+            piece = self.pieces.pop(key)
+            for d in ds:
+                arrays[d] = jax.block_until_ready(jax.device_put(piece, d))
+            del piece
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding, [arrays[d] for d in self.index])
 
 
 def _key(idx: tuple, shape: tuple) -> tuple:
