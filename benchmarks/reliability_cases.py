@@ -22,9 +22,7 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
