@@ -255,7 +255,7 @@ def test_file_init_and_shape_errors(bert, tmp_path):
     bad = good.copy()
     bad[1, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
-    with pytest.raises(ValueError, match=r"nan\.npy.* 1 non-finite value"):
+    with pytest.raises(ValueError, match=r"nan\.npy.*holds 1 NaN/Inf value"):
         prompt_init.from_file(str(tmp_path / "nan.npy"), 4)
 
 

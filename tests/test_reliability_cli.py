@@ -156,9 +156,8 @@ def test_resume_with_another_task_label_count_or_optimizer_names_the_field(tiny,
                               "settings)")
     p = _cli(["train", "--config", cfg, "--config.train.steps=4",
               "--config.task.file.label_names=negative,positive,neutral"])
-    line = _error_line(p)   # the head's class count is part of the methods' configuration
-    assert p.returncode == 5 and re.search(r"checkpoint field 'methods' is .*'num_labels': 2\b.* but "
-                                           r"this run has .*'num_labels': 3\b", line), line
+    line = _error_line(p)   # the class count is named before the (longer) methods' configuration
+    assert p.returncode == 5 and "checkpoint field 'num_labels' is 2 but this run has 3" in line, line
     assert _steps(wd) == [1, 2] or _steps(wd) == [2]   # nothing moved or deleted
 
 

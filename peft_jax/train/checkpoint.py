@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -47,7 +48,7 @@ class CheckpointMismatch(CheckpointError):
 
 
 # Metadata fields that must agree between a checkpoint and the run restoring it.
-MUST_MATCH = ("base_id", "base_hash", "methods", "task", "format", "num_labels", "optimizer")
+MUST_MATCH = ("base_id", "base_hash", "task", "format", "num_labels", "optimizer", "methods")
 DIGEST_VERSION = "peft_jax.state_digest/v1"
 
 
@@ -109,6 +110,17 @@ def _drop_closed_loop_callbacks() -> None:
 
     hook._peft_jax_filter = True
     sys.unraisablehook = hook
+    # The same reads can also end as futures whose error (e.g. tensorstore's DATA_LOSS /
+    # CRC-32C failure on a damaged chunk) nobody retrieves: asyncio then logs "exception was
+    # never retrieved" with a traceback. The damaged step is reported by us, naming it.
+    logging.getLogger("asyncio").addFilter(_NeverRetrieved())
+
+
+class _NeverRetrieved(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" records of tensorstore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "never retrieved" not in str(record.msg)
 
 
 def _warn(msg: str) -> None:
