@@ -7,6 +7,7 @@ other's memory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -37,6 +38,17 @@ class MethodHParams:
         return ("q_proj", "v_proj") if kind == "decoder" else ("query", "value")
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def worker_env() -> dict:
+    """The environment of a worker subprocess: offline, CPU JAX, no tokenizer threads."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -57,6 +69,14 @@ def read_sst2(data_dir: str = DEFAULT_DATA, split: str = "train") -> tuple[list[
             sents.append(text.strip())
             labels.append(int(lab))
     return sents, np.asarray(labels, np.int32)
+
+
+def example_id(label: int, tokens: Sequence[int]) -> str:
+    """Content id of one encoded example (sha1 of its label and token ids): the same in
+    every framework when both saw the same text, label and tokenization."""
+    h = hashlib.sha1(str(int(label)).encode())
+    h.update(np.asarray(tokens, np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def synthetic_token_ids(n: int, vocab: int, seed: int = 0, pad_id: int = 0,
