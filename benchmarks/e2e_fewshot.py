@@ -13,9 +13,12 @@ over the 5 LM-BFF seeds, with the CLI's default budget (``fewshot.methods.Budget
    the rows as ``[text, label]`` for the torch worker (not timed: neither stack pays it).
 2. ``e2e_torch.py`` and ``e2e_jax.py`` run back to back, each in its own process; a stack's
    wall time runs from its launch (interpreter start, imports, model load, data encoding,
-   compilation, training, evaluation) to its last result. peft_jax's compilation cache is
-   a fresh folder (a first run); ``--warm`` adds a second peft_jax run on the now-filled
-   cache (what ``peft-jax fewshot`` costs the second time, cache in ``~/.cache``).
+   compilation, training, evaluation) to its last result. Torch runs once per
+   ``--torch-threads`` value (default: its own default and 1 thread; "x torch" is relative to
+   the fastest torch row, so a badly oversubscribed default cannot flatter peft_jax).
+   peft_jax's compilation cache is a fresh folder (a first run); ``--warm`` adds a second
+   peft_jax run on the now-filled cache (what ``peft-jax fewshot`` costs the second time,
+   cache in ``~/.cache``).
 3. Both workers report the content ids (``common.example_id``: label + token ids) of every
    training batch, the dev set and the test subset; "same data" is checked against the
    protocol per seed, so equal ids mean equal examples, batches, order and tokens.
@@ -103,7 +106,19 @@ def build_protocol(task: str, model: str, seeds: list, budget, workdir: str) -> 
             "test": rows(load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, seed))})
         expected[seed] = e2e_jax.used_ids(s, cfg)
         proto["hparams"], proto["num_labels"] = hparams(cfg), s.exp.task.num_labels
+        proto["train_size"] = len(train_ex)
     return proto, expected
+
+
+def protocol_notes(proto: dict) -> str:
+    """What the protocol's data are: distinct training examples the steps use per seed, and
+    how many test sentences each seed's subset shares with the first seed's."""
+    first = {tuple(r) for r in proto["seeds"][0]["test"]}
+    used = [len({tuple(r) for step in sp["train"] for r in step}) for sp in proto["seeds"]]
+    shared = [len(first & {tuple(r) for r in sp["test"]}) for sp in proto["seeds"]]
+    return (f"Data (peft_jax's): distinct training examples the steps use, per seed: "
+            f"{', '.join(map(str, used))} (of {proto['train_size']} per seed); test sentences "
+            f"shared with seed {proto['seeds'][0]['seed']}'s subset: {', '.join(map(str, shared))}.")
 
 
 def run_worker(script: str, args: list, timeout: float) -> dict:
@@ -233,8 +248,9 @@ def main(argv=None) -> int:
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--stacks", default="torch,jax", help="comma list of torch, jax")
     p.add_argument("--warm", action="store_true", help="add a 2nd peft_jax run (warm cache)")
-    p.add_argument("--torch-threads", default="0",
-                   help="comma list: one torch row per thread count (0: torch's default)")
+    p.add_argument("--torch-threads", default="0,1",
+                   help="comma list: one torch row per thread count (0: torch's default); "
+                        "on a loaded machine torch's default threads can be far slower than 1")
     p.add_argument("--workdir", default="", help="default: a temporary folder")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default="", help="also write the tables (markdown) here")
@@ -286,6 +302,7 @@ def main(argv=None) -> int:
         f"{hp['batch_size']}, dev every {hp['eval_every']}, best dev step tested on "
         f"{len(proto['seeds'][0]['test'])} test sentences; max length {hp['max_length']}; "
         f"AdamW lr {hp['lr']}, clip {hp['clip_norm']}; LoRA alpha {hp['lora_alpha']}.",
+        protocol_notes(proto),
         f"Load before: `{load_before}`", f"Load after: `{load_after}`", "",
         table(rows), "",
         "x torch: the (fastest) torch row's wall time over the row's. Same data: every training "

@@ -60,7 +60,7 @@ def test_e2e_fewshot_tiny_budget(tmp_path, shared_data, minilm_path):
     env.pop("XLA_FLAGS", None)  # the test session's fake devices are not needed here
     out, raw = tmp_path / "e2e.md", tmp_path / "e2e.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_fewshot.py"), "--seeds", "13",
-           "--steps", "2", "--eval-every", "1", "--test-examples", "16",
+           "--steps", "2", "--eval-every", "1", "--test-examples", "16", "--torch-threads", "1",
            "--workdir", str(tmp_path / "work"), "--out", str(out), "--json", str(raw)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
