@@ -12,6 +12,8 @@ import json
 import os
 import time
 import resource
+import subprocess
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -47,6 +49,22 @@ def worker_env() -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
+
+
+def run_script(script: str, args: list, timeout: float) -> dict:
+    """Run ``benchmarks/<script>`` in its own process (``worker_env``); its ``RESULT`` line,
+    or ``{"error": ...}`` (timeout, or the last stderr line of a worker that printed none)."""
+    cmd = [sys.executable, os.path.join(HERE, script)] + list(args)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    res = parse_result(proc.stdout)
+    if res is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
+    return res
 
 
 # ----------------------------------------------------------------------------- data

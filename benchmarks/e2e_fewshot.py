@@ -124,16 +124,7 @@ def protocol_notes(proto: dict) -> str:
 def run_worker(script: str, args: list, timeout: float) -> dict:
     """Launch a worker; its ``wall_s`` runs from the launch to its last result."""
     t0 = time.time()
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(common.HERE, script)] + args,
-                              capture_output=True, text=True, timeout=timeout,
-                              env=common.worker_env(), cwd=common.ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    res = common.parse_result(proc.stdout)
-    if res is None:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:200]}"}
+    res = common.run_script(script, args, timeout)
     if "marks" in res:
         res["launch"] = t0
         res["wall_s"] = res["marks"]["end"] - t0
@@ -275,7 +266,8 @@ def main(argv=None) -> int:
     threads = [int(x) for x in a.torch_threads.split(",") if x.strip()]
     for n in (threads if "torch" in stacks else []):
         res = run_worker("e2e_torch.py", ["--protocol", proto_path, "--threads", str(n)], a.timeout)
-        name = TORCH if len(threads) == 1 else f"{TORCH} ({res.get('threads', n)} threads)"
+        got = res.get("threads", n)
+        name = TORCH if len(threads) == 1 else f"{TORCH} ({got} thread{'s' * (got != 1)})"
         results[name] = res
     jax_args = ["--task", a.task, "--model", a.model, "--seeds", ",".join(map(str, seeds)),
                 "--budget", json.dumps(dataclasses.asdict(budget)),

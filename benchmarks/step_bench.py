@@ -46,17 +46,7 @@ COLUMNS = [
 
 
 def run_worker(framework: str, args: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, os.path.join(common.HERE, WORKERS[framework])] + args
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=common.worker_env())
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    res = common.parse_result(proc.stdout)
-    if res is None:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
-    return res
+    return common.run_script(WORKERS[framework], args, timeout)
 
 
 def ensure_prepared(model: str, folder: str, examples: int, quick: bool, data_dir: str) -> dict:
