@@ -7,10 +7,13 @@ other's memory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 import resource
+import subprocess
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -37,6 +40,33 @@ class MethodHParams:
         return ("q_proj", "v_proj") if kind == "decoder" else ("query", "value")
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def worker_env() -> dict:
+    """The environment of a worker subprocess: offline, CPU JAX, no tokenizer threads."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_script(script: str, args: list, timeout: float) -> dict:
+    """Run ``benchmarks/<script>`` in its own process (``worker_env``); its ``RESULT`` line,
+    or ``{"error": ...}`` (timeout, or the last stderr line of a worker that printed none)."""
+    cmd = [sys.executable, os.path.join(HERE, script)] + list(args)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    res = parse_result(proc.stdout)
+    if res is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
+    return res
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -57,6 +87,14 @@ def read_sst2(data_dir: str = DEFAULT_DATA, split: str = "train") -> tuple[list[
             sents.append(text.strip())
             labels.append(int(lab))
     return sents, np.asarray(labels, np.int32)
+
+
+def example_id(label: int, tokens: Sequence[int]) -> str:
+    """Content id of one encoded example (sha1 of its label and token ids): the same in
+    every framework when both saw the same text, label and tokenization."""
+    h = hashlib.sha1(str(int(label)).encode())
+    h.update(np.asarray(tokens, np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def synthetic_token_ids(n: int, vocab: int, seed: int = 0, pad_id: int = 0,

@@ -45,25 +45,8 @@ COLUMNS = [
 ]
 
 
-def worker_env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
-
-
 def run_worker(framework: str, args: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, os.path.join(common.HERE, WORKERS[framework])] + args
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=worker_env())
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    res = common.parse_result(proc.stdout)
-    if res is None:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
-    return res
+    return common.run_script(WORKERS[framework], args, timeout)
 
 
 def ensure_prepared(model: str, folder: str, examples: int, quick: bool, data_dir: str) -> dict:
@@ -78,7 +61,7 @@ def ensure_prepared(model: str, folder: str, examples: int, quick: bool, data_di
            "--out", folder, "--examples", str(examples), "--data-dir", data_dir]
     if quick:
         cmd.append("--quick")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=common.worker_env())
     if proc.returncode != 0:
         raise SystemExit(f"prepare.py failed for {model}:\n{proc.stderr[-2000:]}")
     return prep.load_spec(folder)
