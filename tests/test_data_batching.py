@@ -2,6 +2,7 @@
 bucket of every step and together cover an epoch once, exact resume from get_state()."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -114,3 +115,21 @@ def test_state_of_another_configuration_is_rejected():
 def test_too_few_examples_for_a_batch():
     with pytest.raises(DataError, match=r"make no full batch of .*lower config.train.batch_size"):
         make_batches(_encoded(n=5), 8)
+
+
+def test_a_bucket_smaller_than_a_batch_is_named_as_never_trained():
+    # 5 long examples, the rest short: with batch 8 the long bucket never makes a batch
+    short = [np.arange(1, 11, dtype=np.int32) + 1000 * i for i in range(35)]
+    long_ = [np.arange(1, 51, dtype=np.int32) + 1000 * (35 + i) for i in range(5)]
+    ids = short + long_
+    enc = Encoded(features={"input_ids": ids, "attention_mask": [np.ones(len(x), np.int32) for x in ids]},
+                  scalars={"label": np.zeros(40, np.int32), "idx": np.arange(40)},
+                  pad={"input_ids": 0, "attention_mask": 0})
+    with pytest.warns(UserWarning, match=r"5 of 40 training examples are never trained on \(5 in bucket 64"):
+        it = make_batches(enc, 8, buckets=(32, 64), seed=0)
+    seen = {int(i) for b in _drain(it, 10 * it.batches_per_epoch) for i in b["idx"]}
+    assert seen.isdisjoint(range(35, 40))  # what the warning says is what happens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_batches(enc, 8, buckets=None, seed=0)          # one bucket: nothing is left out for good
+        make_batches(enc, 5, buckets=(32, 64), seed=0)      # 5 long ones make a batch of 5

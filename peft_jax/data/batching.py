@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from typing import Optional, Sequence
 
 import grain
@@ -68,6 +69,22 @@ def epoch_plan(bucket_of: np.ndarray, n_buckets: int, global_batch: int, seed: i
     return batches
 
 
+def warn_unseen(bucket_of: np.ndarray, buckets: Sequence[int], global_batch: int) -> int:
+    """Warn when some examples can never be trained on: a length bucket with fewer members
+    than one global batch makes no full batch in any epoch (``drop_remainder``). Returns
+    how many examples that is."""
+    counts = np.bincount(bucket_of, minlength=len(buckets))
+    small = [(buckets[b], int(c)) for b, c in enumerate(counts) if 0 < c < global_batch]
+    unseen = sum(c for _, c in small)
+    if unseen:
+        where = ", ".join(f"{c} in bucket {L}" for L, c in small)
+        warnings.warn(f"{unseen} of {len(bucket_of)} training examples are never trained on "
+                      f"({where}; a batch holds {global_batch} rows and a bucket's partial "
+                      "batch is dropped): set config.train.buckets to fewer/longer buckets "
+                      "(e.g. a single bucket) or lower config.train.batch_size", stacklevel=3)
+    return unseen
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -100,6 +117,8 @@ class BatchIterator:
             raise DataError(f"{len(encoded)} training examples make no full batch of "
                             f"{self.global_batch} rows ({batch_size} x {shard_count} hosts): lower "
                             "config.train.batch_size or add examples")
+        if drop_remainder:
+            warn_unseen(self.bucket_of, self.buckets, self.global_batch)
         self.constants = encoded.constants
         h = hashlib.sha1()
         h.update(np.asarray(encoded.lengths()).tobytes())
