@@ -34,6 +34,7 @@ def _direct_word_logprob(logits_fn, prompt: list[int], word: list[int]) -> float
     return float(sum(lp[p + i, t] for i, t in enumerate(word)))
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_multi_token_scores_match_direct_teacher_forcing(tiny_llama):
     # two prompts of different lengths, right-padded to 7 (with junk after the prompt)
     prompts = [[5, 9, 13, 2], [7, 3, 11, 17, 19, 23]]

@@ -48,6 +48,7 @@ def _steps(workdir):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_lr_1e30_stops_at_step_1_with_one_line_and_takes_over_a_stale_lock(tiny):
     """lr=1e30: the first update is refused inside the step; exit 6 with one line naming
     the step; nothing checkpointed. The workdir held a stale lock (a killed trainer): taken

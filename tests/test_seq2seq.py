@@ -198,6 +198,7 @@ def test_t5_prefix_on_self_and_cross_attention_generates_its_teacher_forced_argm
         np.testing.assert_array_equal(gen[r, :e + 1], forced[r, :e + 1])
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_llama_rank_scores_and_generation_match_transformers(folders, sst2):
     """Decoder-only: each class target teacher-forced after the source (= transformers'
     log-probs of source + target) and generation from the left-aligned source."""

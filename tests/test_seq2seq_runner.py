@@ -105,6 +105,7 @@ def test_lester_recipe_config(folders):
     assert float(np.max(np.abs(u1["peft"]["prompt"]))) > 0
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_t5_prompt_tuning_cli_train_resume_eval_export_spot(folders, tmp_path, capsys):
     """peft-jax train on a local T5 folder with configs/prompt_tuning_t5.py: only the prompt
     trains; a run resumed at step 2 ends where an uninterrupted one does; eval reproduces the
@@ -251,6 +252,7 @@ def test_pure_prompt_tuning_has_no_head_and_classification_says_it_has_one(folde
 # ----------------------------------------------------------------------------- zeroshot / fewshot
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_zeroshot_cli_needs_no_training_and_any_format(folders, capsys):
     """peft-jax zeroshot evaluates the base model on a split with a template and label words;
     the verbalizer and text_to_text formats run on the Llama, text_to_text on T5."""

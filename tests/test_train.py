@@ -284,6 +284,7 @@ if jax.process_index() == 0:
     assert m1 == pytest.approx(m2, abs=1e-6)
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_cli_eval_export_params(tiny, uninterrupted):
     """eval restores the trained delta and reproduces the run's final metrics; exports load."""
     model, task, root = tiny
@@ -308,6 +309,7 @@ def test_cli_eval_export_params(tiny, uninterrupted):
     assert "lora" in p.stdout.lower() and "head" in p.stdout and "%" in p.stdout
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_rerun_of_a_finished_run_keeps_its_results(tiny, uninterrupted):
     """Issue 13, item 1. Rerunning a finished run: "already finished at step 6", the stored
     table, result.json and metrics.jsonl untouched. Killed after the final checkpoint but
@@ -339,6 +341,7 @@ def test_rerun_of_a_finished_run_keeps_its_results(tiny, uninterrupted):
     assert (wd / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
 
 
+@pytest.mark.slow  # > 40 s on 2 busy cores; runs in CI (PEFT_JAX_SLOW=1)
 def test_resume_false_on_a_run_is_refused_unless_overwrite_moves_it_aside(tiny, uninterrupted):
     """Issue 13, item 1: train.resume=false on a workdir holding a run is refused naming the
     workdir (before the model loads); with train.overwrite=true the old run's files move to
