@@ -191,7 +191,11 @@ def test_scanned_train_state_is_stacked_and_trains_like_the_loop(family):
     ts0, state0, losses0, start = train(config, base)
     # the same start (the scanned init draws other random values); the transform (e.g.
     # train.init_from) sees the per-layer form
-    ts, state, losses, _ = train(scanned, stack.stack_layers(base), lambda tr: start)
+    def transform(tr):
+        assert jax.tree.structure(tr) == jax.tree.structure(start)
+        return start
+
+    ts, state, losses, _ = train(scanned, stack.stack_layers(base), transform)
     paths = [p for p, _ in leaf_paths((state.trainable, state.opt_state, ts.frozen["peft"]))]
     assert not [p for p in paths if re.search(r"layer_\d", p)]
     assert sum("/layers/" in p for p in paths) > len(methods)

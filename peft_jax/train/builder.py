@@ -35,7 +35,7 @@ import optax
 
 from peft_jax.models import quantize
 from peft_jax.models.slots import Slots
-from peft_jax.models.stack import is_scanned, stack_layers
+from peft_jax.models.stack import is_scanned, stack_layers, unstack_layers
 from peft_jax.parallel.mesh import logical_axes_tree, shardings_for
 from peft_jax.peft import tree
 from peft_jax.peft.init_delta import init_delta
@@ -97,8 +97,10 @@ def _split(model: Any, base: Any, methods: tuple, inputs: Mapping[str, Array], r
     # base leaves a method trains (BitFit, full) leave a bf16 base in fp32: fp32 updates
     trainable = jax.tree.map(lambda a: a.astype(jnp.float32)
                              if jnp.issubdtype(a.dtype, jnp.floating) else a, trainable)
-    trainable = transform(trainable) if transform is not None else trainable
-    if is_scanned(model):   # one leaf per stacked tensor in the step (see models.stack)
+    scanned = is_scanned(model)
+    if transform is not None:   # sees the per-layer form (trained base leaves: unstacked)
+        trainable = transform(unstack_layers(trainable) if scanned else trainable)
+    if scanned:   # one leaf per stacked tensor in the step (see models.stack)
         trainable = stack_layers(trainable)
         frozen = {BASE_KEY: frozen[BASE_KEY], DELTA_KEY: stack_layers(frozen[DELTA_KEY])}
     return trainable, frozen
