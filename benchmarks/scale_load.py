@@ -10,7 +10,8 @@ shard files, then runs, each in a fresh process so that its peak RSS is its own:
   mesh over all 8: each process reads only the rows its devices need;
 - ``int8`` / ``fp32``: the same load with int8 kernels / fp32 storage (bytes, RSS);
 - ``compile``: train-step compile time with ``scan_layers`` for 16 vs 2 layers (and the
-  unscanned 16-layer step for contrast), lowered from abstract shapes.
+  unscanned steps for contrast), lowered from abstract shapes (``scan_compile.py`` has the
+  full table: 2/4/8/16 layers, LoRA and prompt tuning, Llama and T5).
 
 Per load: peak RSS of the process (ru_maxrss), its RSS before loading, the bytes of its own
 shards, the largest checkpoint tensor, and the target ``1.2 x shard bytes + largest
@@ -167,47 +168,21 @@ def train(pre, mesh, a) -> dict:
 
 
 def compile_times(a) -> dict:
-    """Train-step compile time from abstract shapes (no weights, no data): the step of
-    ``train`` lowered and compiled for 2 and 16 layers, scanned and unscanned."""
-    import dataclasses
+    """Train-step compile time from abstract shapes (no weights, no data): the runner's step
+    (``scan_compile.py``: the one train-state builder, stacked under scan) lowered and
+    compiled for 2 and 16 layers, scanned and unscanned, LoRA r=8 on a mesh fsdp=8."""
+    from scan_compile import compile_time
 
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from peft_jax.models import streaming
-    from peft_jax.models.llama import LLAMA
-    from peft_jax.parallel.mesh import batch_sharding, logical_axes_tree, make_mesh, shardings_for
-    from peft_jax.peft import init_delta, partition
-    from peft_jax.train.step import TrainState, jit_train_step, make_train_step
+    from peft_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh({"fsdp": 8})
     out = {}
     for layers, scan in ((2, True), (16, True), (2, False), (16, False)):
-        config = dataclasses.replace(config_for(layers), scan_layers=scan)
-        model, loss_fn, make_tx = _lora_step(LLAMA, config)
-        boxed = streaming.abstract_base(LLAMA, config)
-        base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), nn.meta.unbox(boxed))
-        batch = {k: jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
-                 for k in ("input_ids", "attention_mask")}
-        dummy = {k: jnp.ones((1, 4), jnp.int32) for k in batch}
-        methods = model.slots.methods
-        delta = jax.eval_shape(lambda b: init_delta(model, b, dummy, jax.random.PRNGKey(1), methods), base)
-        trainable, frozen = partition.split_trainable(base, delta, methods=methods)
-        tx = make_tx(trainable)
-        state = jax.eval_shape(lambda d: TrainState.create(d, tx, jax.random.PRNGKey(2)), trainable)
-        state_sh = shardings_for(state, mesh)
-        frozen_sh = {partition.BASE_KEY: shardings_for(base, mesh, logical_axes_tree(boxed)),
-                     partition.DELTA_KEY: shardings_for(frozen[partition.DELTA_KEY], mesh)}
-        step = jit_train_step(make_train_step(loss_fn, partition.variables_fn(methods), tx),
-                              state_sh, frozen_sh, batch_sharding(mesh))
+        r = compile_time("llama", "lora", layers, scan, mesh, a.batch, a.seq)
         key = f"{'scan' if scan else 'loop'}_{layers}_s"
-        t0, c0 = time.perf_counter(), time.process_time()
-        step.lower(state, frozen, batch).compile()
-        out[key] = time.perf_counter() - t0
-        out[key.replace("_s", "_cpu_s")] = time.process_time() - c0
+        out[key], out[key.replace("_s", "_cpu_s")] = r["total_s"], r["total_cpu_s"]
         print(f"[compile] {layers} layers, scan={scan}: {out[key]:.1f} s wall, "
-              f"{out[key.replace('_s', '_cpu_s')]:.1f} s CPU", flush=True)
+              f"{r['total_cpu_s']:.1f} s CPU", flush=True)
     for kind in ("scan", "loop"):
         for unit, tag in (("s", ""), ("cpu_s", "_cpu")):
             out[f"{kind}_16_over_2{tag}"] = out[f"{kind}_16_{unit}"] / out[f"{kind}_2_{unit}"]

@@ -44,7 +44,8 @@ def _host(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-META = {"base_id": "b", "methods": [], "task": "sst2", "num_labels": 2, "optimizer": "adamw"}
+META = {"base_id": "b", "methods": [], "task": "sst2", "num_labels": 2, "optimizer": "adamw",
+        "scan_layers": False}
 
 
 def _two_steps(folder):
@@ -159,7 +160,8 @@ def test_no_intact_checkpoint_moves_aside_and_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("task", "sst5"), ("num_labels", 5),
-                                         ("optimizer", "sgd"), ("base_id", "other")])
+                                         ("optimizer", "sgd"), ("base_id", "other"),
+                                         ("scan_layers", True)])
 def test_another_runs_checkpoint_is_a_mismatch_naming_the_field(tmp_path, field, value):
     folder = str(tmp_path / "checkpoints")
     states = _two_steps(folder)

@@ -15,10 +15,17 @@ exports are the same either way:
 - the frozen base is stored stacked in memory (``decoder/layers/attention/query/kernel
   [n, d, d]``): :func:`stack_layers` / :func:`unstack_layers` convert it (the loaders build
   it stacked directly; HF export unstacks);
-- the delta (``peft`` collection) keeps its per-layer form everywhere outside the model:
-  :func:`per_layer_delta` wraps a family's stack module in ``nn.map_variables``, which stacks
-  ``layer_{i}`` delta leaves on the way in and unstacks new ones on the way out. A delta
-  trained scanned is therefore bit-identical in layout to one trained unscanned.
+- the delta (``peft`` collection) is created in its per-layer form and the model takes it
+  in either form: :func:`per_layer_delta` wraps a family's stack module in
+  ``nn.map_variables``, which stacks ``layer_{i}`` delta leaves on the way in (a stacked
+  delta passes unchanged) and unstacks new ones on the way out (init);
+- training keeps the delta stacked: the train state (``train.builder``) holds the trainable
+  tree, its optimizer state and the method-owned frozen leaves in stacked form, so that the
+  jitted step has one leaf per stacked tensor, not one per layer (per-layer optimizer
+  updates, health checks and stack / unstack would grow the step with depth). Delta files
+  and exports convert back (``runner.run.delta_tree``): a delta trained scanned is
+  bit-identical in layout to one trained unscanned. Checkpoints hold the train state as it
+  is (stacked); their metadata records ``scan_layers``, which a resume must match.
 
 Leaves that only some layers have (T5's relative position bias, in ``layer_0``) stay under
 ``layer_{i}``: :func:`stack_layers` stacks what every layer has in common. PEFT methods that
@@ -120,9 +127,12 @@ def _stack(leaves: list) -> Any:
 def stack_layers(tree: Any) -> Any:
     """Per-layer form -> stacked form: wherever a dict has children ``layer_{i}``
     (i = 0..n-1), the leaves they all have move to ``layers`` stacked on a new leading axis;
-    leaves only some layers have stay where they are. Other children recurse."""
+    leaves only some layers have stay where they are. Other children recurse. A tree
+    already stacked is returned as is (the same structure and leaves)."""
     if not isinstance(tree, Mapping):
         return tree
+    if STACKED in tree:   # already stacked: ``layer_{i}`` hold what only some layers have
+        return {k: stack_layers(v) if k == STACKED else v for k, v in tree.items()}
     layers = {int(m[1]): k for k in tree if (m := _LAYER.fullmatch(k))}
     out = {k: stack_layers(v) for k, v in tree.items() if k not in layers.values()}
     if not layers:
@@ -159,9 +169,28 @@ def unstack_layers(tree: Any) -> Any:
     return out
 
 
+def leaf_shape(tree: Mapping, path: str) -> tuple[int, ...]:
+    """Shape of the leaf at the per-layer ``path`` (``'decoder/layer_3/mlp/up/kernel'``) of
+    ``tree`` in either form (stacked: the ``layers`` leaf's shape without its layer axis).
+    ``KeyError`` naming ``path`` when neither form has it."""
+    for keys, lead in ((path.split("/"), 0), (_LAYER.sub(STACKED, path, count=1).split("/"), 1)):
+        node: Any = tree
+        for k in keys:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        if node is not None:
+            return tuple(np.shape(nn.meta.unbox(node)))[lead:]
+    raise KeyError(path)
+
+
+def is_scanned(model: Any) -> bool:
+    """Whether ``model`` (a family module) runs its blocks under ``nn.scan``."""
+    return bool(getattr(getattr(model, "config", None), "scan_layers", False))
+
+
 def per_layer_delta(stack_cls: type) -> type:
     """``stack_cls`` (a module that runs :func:`run_layers` scanned) seen from outside with
-    its ``peft`` collection in per-layer form (``layer_{i}/...``); see the module docstring."""
+    its ``peft`` collection in per-layer form (``layer_{i}/...``) or already stacked; see the
+    module docstring."""
     def each(fn: Callable) -> Callable:
         return lambda cols: {k: fn(v) for k, v in cols.items()}
 

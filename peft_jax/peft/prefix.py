@@ -209,7 +209,8 @@ SEQ2SEQ_PREFIX = (
 
 
 def materialize(delta: Mapping) -> dict:
-    """``prefix_reparam`` -> per-attention ``prefix_key/prefix_value [P, h_kv, dh]``.
+    """``prefix_reparam`` -> per-attention ``prefix_key/prefix_value [P, h_kv, dh]``
+    (``[n, P, h_kv, dh]`` for a stacked delta, whose ``out`` kernels are ``[n, hid, 2, h_kv, dh]``).
 
     Differentiable (use it inside the loss); returns the delta without ``prefix_reparam``.
     Deltas without it are returned unchanged (shallow copy).
@@ -220,8 +221,9 @@ def materialize(delta: Mapping) -> dict:
     r = delta[REPARAM]
     hidden = jnp.tanh(jnp.dot(r["embedding"], r["hidden"]["kernel"]) + r["hidden"]["bias"])
     for path, mod in tree.modules_with(r["out"], "kernel"):
-        kv = jnp.einsum("ph,hsnd->psnd", hidden, mod["kernel"]) + mod["bias"]
-        flat[f"{path}/prefix_key"], flat[f"{path}/prefix_value"] = kv[:, 0], kv[:, 1]
+        kv = (jnp.einsum("ph,...hsnd->...psnd", hidden, mod["kernel"])
+              + jnp.expand_dims(mod["bias"], -4))
+        flat[f"{path}/prefix_key"], flat[f"{path}/prefix_value"] = kv[..., 0, :, :], kv[..., 1, :, :]
     return tree.unflatten(flat)
 
 

@@ -38,13 +38,13 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.layers import apply_dropout
 from peft_jax.models.slots import module_path
+from peft_jax.models.stack import leaf_shape
 from peft_jax.peft import hf_peft, tree
 from peft_jax.peft.method import HfNames, ModelInfo, PeftMethod, option, register
 
@@ -113,19 +113,23 @@ class VeRA(PeftMethod):
         out = tree.copy(delta)
         mods = [p for p, _ in tree.modules_with(delta, LAMBDA_D)]
         if mods:
-            shapes = [np.shape(nn.meta.unbox(tree.get(base, m + "/kernel"))) for m in mods]
+            shapes = [leaf_shape(base, m + "/kernel") for m in mods]   # base stacked or not
             out[SHARED] = self.projections(max(s[0] for s in shapes), max(s[1] for s in shapes))
         return out
 
     def materialize(self, delta: Mapping) -> dict:
         """Every adapted module gets ``vera_a`` / ``vera_b``: references to the one shared
-        copy (no slicing or copying here; the slot slices). Identity without ``vera_shared``."""
+        copy (no slicing or copying here; the slot slices), broadcast over the leading layer
+        axis of a stacked module (``vera_lambda_d [n, r]``). Identity without ``vera_shared``."""
         if SHARED not in delta:
             return dict(delta)
         flat = {k: v for k, v in tree.flatten(delta).items() if not k.startswith(SHARED + "/")}
-        for path, _ in tree.modules_with(delta, LAMBDA_D):
+        for path, mod in tree.modules_with(delta, LAMBDA_D):
+            lead = tuple(jnp.shape(mod[LAMBDA_D])[:-1])
             for name in ("vera_a", "vera_b"):
-                flat[f"{path}/{name}" if path else name] = delta[SHARED][name]
+                shared = delta[SHARED][name]
+                flat[f"{path}/{name}" if path else name] = (
+                    jnp.broadcast_to(shared, lead + tuple(shared.shape)) if lead else shared)
         return tree.unflatten(flat)
 
     # -- forward

@@ -125,7 +125,7 @@ def parameter_report(cfg) -> str:
     """Trainable / total parameters per method and module, and optimizer-state bytes
     (computed abstractly: no data is read, no optimizer state allocated)."""
     s = setup(cfg, data="none")
-    full = delta_tree(s.state.trainable, s.frozen)
+    full = delta_tree(s.state.trainable, s.frozen, per_layer=False)   # the tree s.tx is over
     frozen_base = s.frozen["params"]
     base = tree.merge(frozen_base, full.get("params", {})) if full.get("params") else frozen_base
     table = param_report(base, full.get("peft", {}), tx=s.tx, methods=s.exp.methods).table()

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from peft_jax.models.stack import unstack_layers
 from peft_jax.parallel import distributed
 from peft_jax.parallel.prefetch import DevicePrefetcher
 from peft_jax.peft import tree
@@ -182,10 +183,12 @@ def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
         sel.close()
 
 
-def delta_tree(trainable: Any, frozen: Any) -> dict:
-    """What a delta file holds: the trainable tree, plus method-owned frozen delta leaves."""
+def delta_tree(trainable: Any, frozen: Any, per_layer: bool = True) -> dict:
+    """What a delta file holds: the trainable tree, plus method-owned frozen delta leaves,
+    in per-layer form (``per_layer=False``: as the train state holds them, stacked under
+    ``scan_layers``; see ``models.stack``)."""
     out = dict(jax.device_get(trainable))
     frozen_delta = jax.device_get(frozen.get("peft", {}))
     if frozen_delta:
         out["peft"] = tree.merge(out.get("peft", {}), frozen_delta)
-    return out
+    return unstack_layers(out) if per_layer else out

@@ -152,7 +152,7 @@ def meta_base(exp: Experiment) -> dict:
         "base_id": exp.base_id, "base_hash": exp.base_hash,
         "methods": methods_config(exp.methods), "format": cfg.task.format,
         "task": exp.task.name, "num_labels": int(exp.task.num_labels),
-        "optimizer": cfg.optim.optimizer}))
+        "optimizer": cfg.optim.optimizer, "scan_layers": bool(cfg.model.scan_layers)}))
 
 
 def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) -> Session:

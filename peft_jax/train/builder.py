@@ -14,6 +14,11 @@ trainable tree only, and places everything on the mesh: frozen base leaves by th
 logical-axis rules table (``peft_jax.parallel.mesh``), the small delta, the optimizer state
 and method-owned frozen leaves replicated.
 
+With ``scan_layers`` the delta is stacked once here (``layers`` leaves ``[n, ...]``, like
+the base): the state, its optimizer state and the step see one leaf per stacked tensor;
+``transform`` (e.g. ``train.init_from``) still receives the per-layer form, and
+``peft_jax.runner.run.delta_tree`` gives it back.
+
 ``abstract_state()`` gives the state as ``jax.ShapeDtypeStruct`` leaves with their
 shardings, which is what a checkpoint restore needs (no data, no real init of the
 optimizer).
@@ -30,6 +35,7 @@ import optax
 
 from peft_jax.models import quantize
 from peft_jax.models.slots import Slots
+from peft_jax.models.stack import is_scanned, stack_layers, unstack_layers
 from peft_jax.parallel.mesh import logical_axes_tree, shardings_for
 from peft_jax.peft import tree
 from peft_jax.peft.init_delta import init_delta
@@ -91,7 +97,13 @@ def _split(model: Any, base: Any, methods: tuple, inputs: Mapping[str, Array], r
     # base leaves a method trains (BitFit, full) leave a bf16 base in fp32: fp32 updates
     trainable = jax.tree.map(lambda a: a.astype(jnp.float32)
                              if jnp.issubdtype(a.dtype, jnp.floating) else a, trainable)
-    return (transform(trainable) if transform is not None else trainable), frozen
+    scanned = is_scanned(model)
+    if transform is not None:   # sees the per-layer form (trained base leaves: unstacked)
+        trainable = transform(unstack_layers(trainable) if scanned else trainable)
+    if scanned:   # one leaf per stacked tensor in the step (see models.stack)
+        trainable = stack_layers(trainable)
+        frozen = {BASE_KEY: frozen[BASE_KEY], DELTA_KEY: stack_layers(frozen[DELTA_KEY])}
+    return trainable, frozen
 
 
 def build_train_state(model: Any, base: Any, methods: Sequence[Any],
@@ -109,7 +121,9 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
 
     ``abstract=True``: ``state`` holds ``jax.ShapeDtypeStruct`` leaves (traced with
     ``jax.eval_shape``: no optimizer or delta is computed), for restoring a checkpoint into
-    it; the frozen tree is still real (method-owned frozen state is computed).
+    it; the frozen tree is still real (method-owned frozen state is computed), unless
+    ``base`` itself is ``jax.ShapeDtypeStruct`` leaves (then so is the frozen tree, with its
+    shardings: enough to lower and compile the step, e.g. ``benchmarks/scan_compile.py``).
     """
     methods = tuple(methods)
     k_delta, k_state = jax.random.split(rng)
@@ -128,6 +142,7 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
         tx = make_tx(trainable)
         state = TrainState.create(trainable, tx, k_state)
     state_sh = frozen_sh = None
+    shapes_only = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))
     if mesh is not None:
         axes = base_axes(model, inputs, quantize.is_quantized(base))
         frozen_sh = {BASE_KEY: shardings_for(frozen[BASE_KEY], mesh,
@@ -136,8 +151,9 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
         state_sh = shardings_for(state, mesh)
         if not abstract:
             state = jax.device_put(state, state_sh)
-        frozen = jax.device_put(frozen, frozen_sh)
-    else:
+        frozen = (abstract_with_shardings(frozen, frozen_sh) if shapes_only
+                  else jax.device_put(frozen, frozen_sh))
+    elif not shapes_only:
         frozen = jax.tree.map(jnp.asarray, frozen)
         if not abstract:   # numpy leaves (base leaves a method trains) would compile twice
             state = jax.tree.map(jnp.asarray, state)

@@ -48,7 +48,9 @@ class CheckpointMismatch(CheckpointError):
 
 
 # Metadata fields that must agree between a checkpoint and the run restoring it.
-MUST_MATCH = ("base_id", "base_hash", "task", "format", "num_labels", "optimizer", "methods")
+# ``scan_layers``: the state is stacked under it (``models.stack``), per layer without.
+MUST_MATCH = ("base_id", "base_hash", "task", "format", "num_labels", "optimizer", "scan_layers",
+              "methods")
 DIGEST_VERSION = "peft_jax.state_digest/v1"
 
 

@@ -100,9 +100,12 @@ def make_train_step(loss_fn: LossFn, assemble: AssembleFn, tx: optax.GradientTra
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(ratio)
                   & _tree_all_finite(trainable) & _tree_all_finite(opt_state))
         applied = finite & (ratio <= max_update_ratio) if max_update_ratio > 0 else finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
-        new_state = TrainState(step=state.step + 1, trainable=keep(trainable, state.trainable),
-                               opt_state=keep(opt_state, state.opt_state), rng=rng)
+        # one branch, not a select per leaf: XLA would fuse the whole chain of per-leaf
+        # checks into every leaf's select (compile time quadratic in the number of leaves)
+        trainable, opt_state = jax.lax.cond(applied, lambda: (trainable, opt_state),
+                                            lambda: (state.trainable, state.opt_state))
+        new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                               rng=rng)
         metrics = dict(metrics)
         metrics.update(loss=loss, grad_norm=grad_norm, update_ratio=ratio,
                        finite=finite.astype(jnp.float32), applied=applied.astype(jnp.float32))
