@@ -149,19 +149,9 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         if step is not None:
             row["selected_step"] = step
     if loop.status == "finished" and cfg.task.test_split:
-        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split,
-                                                   cfg.task.max_test_examples, cfg.seed))
-        row["test"] = s.evaluate(selected, test_enc)
+        row["test"] = s.evaluate(selected, test_encoded(cfg, s))
     if main:
-        if loop.status == "finished":
-            # the whole delta (trainable and method-owned frozen leaves) and any trained base
-            # leaves; the selected step's under train.best_metric, else the last
-            save_delta(os.path.join(cfg.workdir, "delta"), delta_tree(selected, frozen),
-                       base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
-                       overwrite=True)
-        write_json(os.path.join(cfg.workdir, "result.json"), row)
-        if loop.status == "finished":
-            print(results_table(row), flush=True)
+        save_outputs(cfg, exp, row, selected, frozen)
     return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
 
 
@@ -180,6 +170,26 @@ def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
         return sel.restore(s.abstract_state(), s.meta_base, step=step)[0].trainable, int(step)
     finally:
         sel.close()
+
+
+def test_encoded(cfg, s: Session) -> Any:
+    """The run's encoded test split (``task.test_split``, a seeded subset of
+    ``task.max_test_examples``)."""
+    return encode_split(s.exp, load_examples(s.exp, cfg.task.test_split,
+                                             cfg.task.max_test_examples, cfg.seed))
+
+
+def save_outputs(cfg, exp: Any, row: dict, selected: Any, frozen: Any) -> None:
+    """A run's files: ``delta`` (finished runs: the whole delta, i.e. trainable and
+    method-owned frozen leaves and any trained base leaves; the selected step's under
+    ``train.best_metric``, else the last) and ``result.json``; prints a finished row's table."""
+    if row["status"] == "finished":
+        save_delta(os.path.join(cfg.workdir, "delta"), delta_tree(selected, frozen),
+                   base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
+                   overwrite=True)
+    write_json(os.path.join(cfg.workdir, "result.json"), row)
+    if row["status"] == "finished":
+        print(results_table(row), flush=True)
 
 
 def delta_tree(trainable: Any, frozen: Any) -> dict:

@@ -1,0 +1,112 @@
+"""Many runs in one program (``peft_jax.runner.vectorized``): K vmapped runs over one frozen
+base equal K sequential ``run_experiment`` runs (trained and selected deltas, metrics,
+selected step, test metrics); runs that differ in anything but seed / init / data /
+learning rate are refused naming the key. Tiny random BERT (dropout on) on a synthetic task."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _train_fixtures import tiny_config, write_task, write_tiny_bert  # noqa: E402
+
+from peft_jax.config import ConfigError  # noqa: E402
+from peft_jax.peft.delta_io import flatten_delta, load_delta  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_path):
+    root = tmp_path_factory.mktemp("vec")
+    model = write_tiny_bert(str(root / "model"), minilm_path, dropout=0.1)
+    return model, write_task(str(root / "data"))
+
+
+def _cfgs(tiny, root, seeds=(0, 1, 2), lrs=(1e-2, 3e-2, 5e-3), **over):
+    model, task = tiny
+    base = {"train.steps": 4, "train.eval_every": 2, "train.best_metric": "accuracy",
+            "task.test_split": "dev", "train.buckets": (12, 32), "train.batch_size": 4,
+            "task.max_train_examples": 24}
+    base.update(over)
+    return [tiny_config(model, task, os.path.join(root, f"run{k}"), methods="head,lora",
+                        **{**base, "seed": seed, "optim.lr": lr})
+            for k, (seed, lr) in enumerate(zip(seeds, lrs))]
+
+
+def _max_diff(a, b) -> float:
+    fa, fb = flatten_delta(jax.device_get(a)), flatten_delta(jax.device_get(b))
+    assert sorted(fa) == sorted(fb)
+    return max(float(np.max(np.abs(np.asarray(fa[k], np.float64) - np.asarray(fb[k], np.float64))))
+               for k in fa)
+
+
+def test_vectorized_runs_equal_their_sequential_runs(tiny, tmp_path):
+    from peft_jax.experiment import run_experiment
+    from peft_jax.runner.vectorized import run_vectorized
+
+    vec = run_vectorized(_cfgs(tiny, str(tmp_path / "vec")))
+    seq = [run_experiment(c) for c in _cfgs(tiny, str(tmp_path / "seq"))]
+    assert len(vec) == 3
+    for v, s in zip(vec, seq):
+        assert _max_diff(v.state.trainable, s.state.trainable) <= 1e-5     # the last step
+        assert _max_diff(v.selected, s.selected) <= 1e-5                   # the dev-selected step
+        assert v.row["selected_step"] == s.row["selected_step"]
+        assert v.row["metrics"] == s.row["metrics"]                        # last dev evaluation
+        assert v.row["test"] == s.row["test"]
+        assert v.row["steps"] == s.row["steps"] == 4
+        assert v.row["vectorized"]["runs"] == 3
+        # its own files: the selected delta and the dev evaluations of steps 2 and 4
+        saved, _ = load_delta(os.path.join(v.row["config"]["workdir"], "delta"))
+        assert _max_diff(saved, v.selected) == 0.0
+        evals = [json.loads(x) for x in open(os.path.join(v.row["config"]["workdir"], "metrics.jsonl"))]
+        assert [r["step"] for r in evals if "eval/accuracy" in r] == [2, 4]
+        stored = json.load(open(os.path.join(v.row["config"]["workdir"], "result.json")))
+        assert stored["selected_step"] == v.row["selected_step"]
+    # the runs really differ (seed, data order, learning rate): the equality is not vacuous
+    assert _max_diff(vec[0].selected, vec[1].selected) > 1e-3
+    assert _max_diff(vec[0].state.trainable, vec[2].state.trainable) > 1e-3
+
+
+def test_runs_that_differ_in_shape_or_method_config_are_refused(tiny, tmp_path):
+    from peft_jax.runner.vectorized import check_runs, run_vectorized
+
+    cfgs = _cfgs(tiny, str(tmp_path), seeds=(0, 1), lrs=(1e-2, 1e-2))
+    cfgs[1].peft.lora.rank = 8
+    with pytest.raises(ConfigError, match=r"config\.peft\.lora\.rank: run 1 .* has 8, run 0 has 4"):
+        run_vectorized(cfgs)
+    cfgs = _cfgs(tiny, str(tmp_path), seeds=(0, 1), lrs=(1e-2, 2e-2))
+    cfgs[0].optim.head_lr = cfgs[1].optim.head_lr = 1e-3
+    with pytest.raises(ConfigError, match=r"config\.optim\.lr differs .* config\.optim\.head_lr"):
+        check_runs(cfgs)
+    check_runs(_cfgs(tiny, str(tmp_path)))   # seeds and learning rates alone are fine
+
+
+def test_stacked_batches_pad_token_features_with_their_pad_value():
+    from peft_jax.runner.vectorized import stack_batches
+
+    a = {"input_ids": np.ones((2, 3), np.int32), "attention_mask": np.ones((2, 3), np.int32),
+         "label": np.array([0, 1])}
+    b = {"input_ids": np.full((2, 5), 2, np.int32), "attention_mask": np.ones((2, 5), np.int32),
+         "label": np.array([1, 1])}
+    out = stack_batches([a, b], {"input_ids": 7, "attention_mask": 0})
+    assert out["input_ids"].shape == (2, 2, 5) and out["label"].shape == (2, 2)
+    np.testing.assert_array_equal(out["input_ids"][0], [[1, 1, 1, 7, 7]] * 2)
+    np.testing.assert_array_equal(out["attention_mask"][0], [[1, 1, 1, 0, 0]] * 2)
+    np.testing.assert_array_equal(out["input_ids"][1], b["input_ids"])
+
+
+def test_hash_dropout_masks_stay_put_when_a_tensor_is_padded():
+    from peft_jax.models.layers import dropout_keep_mask
+
+    k = jax.random.PRNGKey(3)
+    small = np.asarray(dropout_keep_mask(k, 0.3, (3, 5, 7), "hash"))
+    padded = np.asarray(dropout_keep_mask(k, 0.3, (3, 9, 7), "hash"))   # a longer sequence
+    np.testing.assert_array_equal(padded[:, :5], small)
+    assert 0.5 < small.mean() < 0.9
