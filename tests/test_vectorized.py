@@ -110,3 +110,35 @@ def test_hash_dropout_masks_stay_put_when_a_tensor_is_padded():
     padded = np.asarray(dropout_keep_mask(k, 0.3, (3, 9, 7), "hash"))   # a longer sequence
     np.testing.assert_array_equal(padded[:, :5], small)
     assert 0.5 < small.mean() < 0.9
+
+
+# ----------------------------------------------------------------------------- peft-jax fewshot
+
+
+def test_fewshot_vectorize_refuses_methods_without_one_run_per_seed(capsys):
+    from peft_jax.fewshot.cli import fewshot_main
+
+    with pytest.raises(SystemExit):
+        fewshot_main(["--method", "head,pet", "--vectorize"])
+    assert "--vectorize: pet do not train one runner per seed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fewshot_vectorized_seeds_give_the_sequential_rows(shared_data, tiny, tmp_path):
+    from peft_jax.fewshot.cli import run_methods
+    from peft_jax.fewshot.methods import Budget
+
+    model, _ = tiny
+    b = Budget(steps=4, eval_every=2, test_examples=40)
+    args = (["head"], ["lmbff/sst2"], [13, 21], model, b)
+    seq = run_methods(*args, str(tmp_path / "seq"))
+    vec = run_methods(*args, str(tmp_path / "vec"), vectorize=True)
+    assert [r["config"]["seed"] for r in vec] == [13, 21]
+    for v, s in zip(vec, seq):
+        assert v["vectorized"]["runs"] == 2 and "vectorized" not in s
+        assert v["selected_step"] == s["selected_step"]
+        assert v["dev"] == s["dev"]
+        assert v["metrics"]["accuracy"] == s["metrics"]["accuracy"]
+        assert v["metrics"]["ece"] == pytest.approx(s["metrics"]["ece"], abs=1e-5)
+        assert os.path.exists(os.path.join(v["config"]["workdir"], "result.json"))
+    assert vec[0]["dev"] != vec[1]["dev"] or vec[0]["metrics"] != vec[1]["metrics"]

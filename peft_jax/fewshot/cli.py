@@ -21,8 +21,8 @@ import sys
 from typing import Optional, Sequence
 
 from peft_jax.data.builtin import LMBFF_SEEDS
-from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, Budget, Interrupted, check_template,
-                                      method_config, run_one)
+from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, VECTORIZABLE, Budget, Interrupted,
+                                      check_template, method_config, run_one, run_seeds_vectorized)
 
 
 def result_path(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str) -> str:
@@ -31,8 +31,11 @@ def result_path(method: str, task: str, seed: int, model: str, budget: Budget, w
 
 
 def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[int],
-                model: str, budget: Budget, workdir: str, skip_existing: bool = True) -> list[dict]:
-    """Every (task, method, seed) run not done yet; the model is loaded once per method."""
+                model: str, budget: Budget, workdir: str, skip_existing: bool = True,
+                vectorize: bool = False) -> list[dict]:
+    """Every (task, method, seed) run not done yet; the model is loaded once per method.
+    ``vectorize``: the seeds of each method train as one program
+    (:func:`~peft_jax.fewshot.methods.run_seeds_vectorized`; ``VECTORIZABLE`` methods only)."""
     from peft_jax.models.registry import load_pretrained
 
     rows, loaded = [], {}
@@ -41,11 +44,13 @@ def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[in
             name = model or DEFAULT_MODEL[m]
             todo = [s for s in seeds if not (skip_existing and os.path.exists(
                 result_path(m, task, s, name, budget, workdir)))]
-            for seed in todo:
-                if name not in loaded:
-                    loaded.clear()   # one model in memory at a time
-                    loaded[name] = load_pretrained(name)
-                row = run_one(m, task, seed, name, budget, workdir, pre=loaded[name])
+            if todo and name not in loaded:
+                loaded.clear()   # one model in memory at a time
+                loaded[name] = load_pretrained(name)
+            done = (run_seeds_vectorized(m, task, todo, name, budget, workdir, pre=loaded[name])
+                    if vectorize and todo else
+                    [run_one(m, task, seed, name, budget, workdir, pre=loaded[name]) for seed in todo])
+            for seed, row in zip(todo, done):
                 rows.append(row)
                 print(json.dumps({"task": task, "method": m, "model": name, "seed": seed,
                                   "test": row["metrics"], "dev": row.get("dev"),
@@ -84,6 +89,9 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", default=",".join(str(s) for s in LMBFF_SEEDS))
     p.add_argument("--workdir", default="runs/fewshot")
     p.add_argument("--rerun", action="store_true", help="also rerun seeds with a result.json")
+    p.add_argument("--vectorize", action="store_true",
+                   help=f"train the seeds of a method as one vmapped program over one frozen "
+                        f"base ({', '.join(VECTORIZABLE)}; same results as one by one)")
     p.add_argument("--compile-cache", default=os.path.join("~", ".cache", "peft_jax", "xla"),
                    help="persistent XLA compilation cache: every seed compiles the same "
                         "programs, so later seeds load them ('' disables)")
@@ -97,6 +105,9 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"--method {','.join(bad)}: choose from {', '.join(METHODS)}")
+    if a.vectorize and [m for m in methods if m not in VECTORIZABLE]:
+        p.error(f"--vectorize: {','.join(m for m in methods if m not in VECTORIZABLE)} "
+                f"do not train one runner per seed; vectorizable: {', '.join(VECTORIZABLE)}")
     budget = Budget(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Budget)})
     try:
         check_template(methods, budget)
@@ -105,7 +116,8 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
     try:
-        run_methods(methods, tasks, seeds, a.model, budget, a.workdir, skip_existing=not a.rerun)
+        run_methods(methods, tasks, seeds, a.model, budget, a.workdir, skip_existing=not a.rerun,
+                    vectorize=a.vectorize)
     except Interrupted as e:
         print(f"[peft_jax] fewshot stopped: {e}", file=sys.stderr, flush=True)
         return 143

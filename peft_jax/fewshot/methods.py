@@ -47,7 +47,11 @@ from peft_jax.fewshot import pet, protoverb_frozen, self_training
 from peft_jax.models.registry import load_pretrained, model_kind
 from peft_jax.runner import RunResult, encode_split, load_examples, run_experiment, setup
 from peft_jax.runner.results import flat_config, write_json
+from peft_jax.runner.vectorized import run_vectorized
 
+# methods whose seeds can train as one vectorized program (``--vectorize``): one runner
+# training per seed, with the same shapes for every seed
+VECTORIZABLE = ("prompt", "prompt_demo", "head")
 METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "head", "protoverb",
            "protoverb_mean", "pet", "selftrain", "intermediate", "multitask")
 LM_METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "pet")
@@ -332,6 +336,25 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
         return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0,
                                    mixture=cfg.task.mixture))
     raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
+
+
+def run_seeds_vectorized(method: str, task: str, seeds: Sequence[int], model: str,
+                         budget: Budget, workdir: str, pre: Any = None) -> list[dict]:
+    """The seeds of ``method`` (one of ``VECTORIZABLE``) trained as one vectorized program
+    (:func:`peft_jax.runner.vectorized.run_vectorized`: one compilation, one pass of the
+    base weights per step for all seeds); each seed's row and files as :func:`run_one`
+    writes them, its ``wall_s`` the seeds' share of the total."""
+    if method not in VECTORIZABLE:
+        raise ValueError(f"--vectorize: {method} does not train one runner per seed; "
+                         f"vectorizable methods: {', '.join(VECTORIZABLE)}")
+    t0 = time.perf_counter()
+    cfgs = [method_config(method, task, seed, model, budget, workdir) for seed in seeds]
+    results = [with_test_calibration(cfg, res)
+               for cfg, res in zip(cfgs, run_vectorized(cfgs, pre or load_pretrained(model)))]
+    wall = (time.perf_counter() - t0) / len(cfgs)
+    return [write_row(cfg, _row(cfg, method, res.row, t0, wall_s=wall,
+                                vectorized=res.row["vectorized"]))
+            for cfg, res in zip(cfgs, results)]
 
 
 def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,

@@ -27,7 +27,8 @@ A run's row equals its sequential :func:`~peft_jax.runner.run.run_experiment` ro
 float summation order: the K batches of a step are right-padded to the longest of them
 (padding is masked out), evaluation batches hold one length per split. Differences from
 the sequential runner: no checkpoints during training and no resume (the selected delta
-is kept in memory), a single device, one process.
+is kept in memory), one process (the mesh's devices split each run's batch, as for a
+single run).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
+from peft_jax.parallel.mesh import batch_sharding
 from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
@@ -120,6 +123,13 @@ def stack_batches(batches: Sequence[Mapping[str, np.ndarray]], pads: Mapping[str
     return out
 
 
+def place_stacked(batch: Mapping[str, np.ndarray], mesh: Any) -> dict:
+    """A stacked batch ``[K, batch, ...]`` on ``mesh``: the run axis replicated, the batch
+    axis sharded as :func:`~peft_jax.parallel.mesh.shard_batch` shards a run's batch."""
+    return {k: jax.device_put(v, NamedSharding(mesh, P(None, *batch_sharding(mesh, v.ndim - 1).spec)))
+            for k, v in batch.items()}
+
+
 def with_lr_scale(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` followed by a per-run scale of the updates (``step_size`` in the state)."""
     return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
@@ -146,15 +156,13 @@ def shared_sessions(cfgs: Sequence[Any], pretrained: Any) -> list[Session]:
                                   f"{cfgs[0].workdir}'s; such runs cannot be vectorized")
             s.ts.frozen = {**s.ts.frozen, BASE_KEY: s0.frozen[BASE_KEY]}
             s = dataclasses.replace(s, predict=s0.predict)
-        elif s.mesh is not None and s.mesh.size > 1:
-            raise ConfigError(f"config.mesh: vectorized runs use one device (mesh "
-                              f"{dict(s.mesh.shape)})")
         sessions.append(s)
     return sessions
 
 
 def predict_runs(vpredict: Any, trainables: Any, frozen: Any, encodeds: Sequence[Any],
-                 batch_size: int, pads: Mapping[str, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+                 batch_size: int, pads: Mapping[str, int], mesh: Any
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(scores, labels) of every row of each run's split, in row order: run k's stacked
     ``trainables[k]`` on ``encodeds[k]``, all runs in one vmapped call per batch. A run
     with fewer batches gets masked filler rows."""
@@ -169,7 +177,8 @@ def predict_runs(vpredict: Any, trainables: Any, frozen: Any, encodeds: Sequence
         host = [b if b is not None else {**filler, "example_mask": np.zeros_like(filler["example_mask"]),
                                          "row": np.full_like(filler["row"], -1)} for b in host]
         y = np.asarray(jax.device_get(
-            vpredict(trainables, frozen, stack_batches([model_batch(b) for b in host], pads))))
+            vpredict(trainables, frozen,
+                     place_stacked(stack_batches([model_batch(b) for b in host], pads), mesh))))
         for k, b in enumerate(host):
             for part, v in zip(parts[k], (y[k], b["label"], b["example_mask"] > 0, b["row"])):
                 part.append(v)
@@ -184,7 +193,8 @@ def evaluate_runs(sessions: Sequence[Session], vpredict: Any, trainables: Any, f
     if cfg.task.format == "text_to_text" and cfg.task.eval_mode != "rank":
         return [s.evaluate(run_slice(trainables, k), e)
                 for k, (s, e) in enumerate(zip(sessions, encodeds))]
-    preds = predict_runs(vpredict, trainables, frozen, encodeds, cfg.train.eval_batch_size, pads)
+    preds = predict_runs(vpredict, trainables, frozen, encodeds, cfg.train.eval_batch_size, pads,
+                         sessions[0].mesh)
     return [task_metrics(s.exp.task, cfg.task.format, y, lab) for s, (y, lab) in zip(sessions, preds)]
 
 
@@ -209,10 +219,12 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     check_runs(cfgs)
     sessions = shared_sessions(cfgs, pretrained)
     s0, c, n = sessions[0], cfgs[0].train, len(cfgs)
-    frozen = {BASE_KEY: s0.frozen[BASE_KEY], DELTA_KEY: stack([s.frozen[DELTA_KEY] for s in sessions])}
+    replicated = NamedSharding(s0.mesh, P())
+    frozen = {BASE_KEY: s0.frozen[BASE_KEY],
+              DELTA_KEY: jax.device_put(stack([s.frozen[DELTA_KEY] for s in sessions]), replicated)}
     lr0 = float(cfgs[0].optim.lr)
-    state = stack([scaled_state(s.state, float(cfg.optim.lr) / lr0 if lr0 else 1.0)
-                   for s, cfg in zip(sessions, cfgs)])
+    state = jax.device_put(stack([scaled_state(s.state, float(cfg.optim.lr) / lr0 if lr0 else 1.0)
+                                  for s, cfg in zip(sessions, cfgs)]), replicated)
     train_step = make_train_step(make_loss_fn(s0.exp.model, s0.spec), s0.ts.variables,
                                  with_lr_scale(s0.tx), c.grad_accum)
     vstep = jax.jit(jax.vmap(train_step, in_axes=(0, FROZEN_AXES, 0)), donate_argnums=(0,))
@@ -232,7 +244,8 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     t0 = time.perf_counter()
     try:
         for step in range(1, c.steps + 1):
-            batch = stack_batches([model_batch(next(s.batches)) for s in sessions], pads)
+            batch = place_stacked(stack_batches([model_batch(next(s.batches)) for s in sessions],
+                                                pads), s0.mesh)
             state, metrics = vstep(state, frozen, batch)
             last = step == c.steps
             if step % max(c.log_every, 1) == 0 or last or step == 1:
