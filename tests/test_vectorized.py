@@ -47,6 +47,7 @@ def _max_diff(a, b) -> float:
                for k in fa)
 
 
+@pytest.mark.slow
 def test_vectorized_runs_equal_their_sequential_runs(tiny, tmp_path):
     from peft_jax.experiment import run_experiment
     from peft_jax.runner.vectorized import run_vectorized
@@ -142,3 +143,23 @@ def test_fewshot_vectorized_seeds_give_the_sequential_rows(shared_data, tiny, tm
         assert v["metrics"]["ece"] == pytest.approx(s["metrics"]["ece"], abs=1e-5)
         assert os.path.exists(os.path.join(v["config"]["workdir"], "result.json"))
     assert vec[0]["dev"] != vec[1]["dev"] or vec[0]["metrics"] != vec[1]["metrics"]
+
+
+@pytest.mark.slow
+def test_vectorized_runs_benchmark_prints_its_table(shared_data, tiny, tmp_path):
+    import subprocess
+
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)   # one device, as a user runs it
+    cmd = [sys.executable, str(HERE.parent / "benchmarks" / "vectorized_runs.py"), "--quick",
+           "--method", "head", "--model", tiny[0], "--seeds", "13,21", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("mode "))
+    rows = {line.split()[0]: line.split() for line in lines[head + 2:]}
+    assert sorted(rows) == ["sequential", "vectorized"]
+    assert rows["vectorized"][-2] == "yes"              # same rows as the sequential seeds
+    assert float(rows["sequential"][-1]) == 1.0 and float(rows["vectorized"][-1]) > 0
+    for mode in rows:                                   # each mode wrote its seeds' rows
+        assert len(list((tmp_path / mode).rglob("result.json"))) == 2

@@ -149,7 +149,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         if step is not None:
             row["selected_step"] = step
     if loop.status == "finished" and cfg.task.test_split:
-        row["test"] = s.evaluate(selected, test_encoded(cfg, s))
+        row["test"] = s.evaluate(selected, encoded_test_split(cfg, s))
     if main:
         save_outputs(cfg, exp, row, selected, frozen)
     return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
@@ -172,7 +172,7 @@ def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
         sel.close()
 
 
-def test_encoded(cfg, s: Session) -> Any:
+def encoded_test_split(cfg, s: Session) -> Any:
     """The run's encoded test split (``task.test_split``, a seeded subset of
     ``task.max_test_examples``)."""
     return encode_split(s.exp, load_examples(s.exp, cfg.task.test_split,

@@ -50,7 +50,7 @@ from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
 from peft_jax.runner.results import flat_config
-from peft_jax.runner.run import RunResult, save_outputs, test_encoded
+from peft_jax.runner.run import RunResult, save_outputs, encoded_test_split
 from peft_jax.runner.session import Session, setup
 from peft_jax.train.forward import make_loss_fn, make_predict_fn
 from peft_jax.train.loop import NonFiniteLoss, compile_count
@@ -276,7 +276,7 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     selected = stack([b.trainable if b.step is not None else run_slice(state.trainable, k)
                       for k, b in enumerate(best)])
     tests = ([{}] * n if not cfgs[0].task.test_split else
-             evaluate(selected, [test_encoded(cfg, s) for cfg, s in zip(cfgs, sessions)]))
+             evaluate(selected, [encoded_test_split(cfg, s) for cfg, s in zip(cfgs, sessions)]))
     wall = time.perf_counter() - t_start
     results = []
     for k, (cfg, s) in enumerate(zip(cfgs, sessions)):
