@@ -50,7 +50,9 @@ from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
 from peft_jax.runner.results import flat_config
-from peft_jax.runner.run import RunResult, save_outputs, encoded_test_split
+from peft_jax.runner.experiment import preflight
+from peft_jax.runner.run import RunResult, encoded_test_split, save_outputs
+from peft_jax.runner.workdir import prepare_workdir
 from peft_jax.runner.session import Session, setup
 from peft_jax.train.forward import make_loss_fn, make_predict_fn
 from peft_jax.train.loop import NonFiniteLoss, compile_count
@@ -217,6 +219,10 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     their results, in order (the sessions share one frozen base)."""
     t_start = time.perf_counter()
     check_runs(cfgs)
+    if jax.process_index() == 0:   # as run_experiment: refuse / move aside old runs
+        for cfg in cfgs:
+            preflight(cfg)
+            prepare_workdir(cfg)
     sessions = shared_sessions(cfgs, pretrained)
     s0, c, n = sessions[0], cfgs[0].train, len(cfgs)
     replicated = NamedSharding(s0.mesh, P())
@@ -226,7 +232,7 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     state = jax.device_put(stack([scaled_state(s.state, float(cfg.optim.lr) / lr0 if lr0 else 1.0)
                                   for s, cfg in zip(sessions, cfgs)]), replicated)
     train_step = make_train_step(make_loss_fn(s0.exp.model, s0.spec), s0.ts.variables,
-                                 with_lr_scale(s0.tx), c.grad_accum)
+                                 with_lr_scale(s0.tx), c.grad_accum, c.max_update_ratio)
     vstep = jax.jit(jax.vmap(train_step, in_axes=(0, FROZEN_AXES, 0)), donate_argnums=(0,))
     vpredict = jax.jit(jax.vmap(make_eval_step(make_predict_fn(s0.exp.model, s0.spec),
                                                s0.ts.variables), in_axes=(0, FROZEN_AXES, 0)))
@@ -250,12 +256,13 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
             last = step == c.steps
             if step % max(c.log_every, 1) == 0 or last or step == 1:
                 m = jax.device_get(metrics)
-                bad = np.nonzero(np.asarray(m["finite"]) < 1.0)[0]
+                bad = np.nonzero(np.asarray(m.get("applied", m["finite"])) < 1.0)[0]
                 if bad.size:
                     k = int(bad[0])
                     raise NonFiniteLoss(
-                        f"{cfgs[k].workdir}: non-finite loss or gradient at step {step} "
-                        f"(loss={float(m['loss'][k])}); vectorized training stopped. Lower the "
+                        f"{cfgs[k].workdir}: update refused at step {step} (loss="
+                        f"{float(m['loss'][k])}, finite={float(m['finite'][k])}); vectorized "
+                        "training stopped. Lower the "
                         "learning rate, enable gradient clipping (config.optim.clip_norm) or "
                         "check the data.")
                 for k, w in enumerate(writers):
