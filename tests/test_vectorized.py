@@ -163,3 +163,68 @@ def test_vectorized_runs_benchmark_prints_its_table(shared_data, tiny, tmp_path)
     assert float(rows["sequential"][-1]) == 1.0 and float(rows["vectorized"][-1]) > 0
     for mode in rows:                                   # each mode wrote its seeds' rows
         assert len(list((tmp_path / mode).rglob("result.json"))) == 2
+
+
+# ----------------------------------------------------------------------------- peft-jax sweep
+
+
+def test_sweep_cells_group_by_everything_but_vectorizable_values(tiny, tmp_path):
+    from peft_jax.runner.vectorized import varying_keys, vector_groups
+
+    keys = varying_keys()
+    assert {"seed", "optim.lr", "peft.lora.init_a", "peft.prompt.init"} <= set(keys)
+    assert "peft.prompt.length" not in keys and "peft.lora.rank" not in keys
+    cells = [(0, 1e-2, "kaiming", 4), (1, 3e-2, "gaussian", 4), (0, 1e-2, "kaiming", 2),
+             (2, 1e-2, "gaussian", 4), (1, 1e-2, "kaiming", 2)]
+    cfgs = [_cfgs(tiny, str(tmp_path / str(i)), seeds=(s,), lrs=(lr,),
+                  **{"peft.lora.init_a": init, "peft.lora.rank": r})[0]
+            for i, (s, lr, init, r) in enumerate(cells)]
+    assert vector_groups(cfgs) == [[0, 1, 3], [2, 4]]           # one program per LoRA rank
+    assert vector_groups(cfgs, max_runs=2) == [[0, 1], [3], [2, 4]]
+    for c in cfgs:   # a group learning rate fixes optim.lr: runs with other rates split
+        c.optim.head_lr = 1e-3
+    assert vector_groups(cfgs) == [[0, 3], [1], [2, 4]]
+
+
+@pytest.mark.slow
+def test_vectorized_sweep_cells_equal_sequential_cells(tiny, tmp_path, capsys):
+    """`peft-jax sweep --vectorize` (seed x lr x LoRA init, two programs of 4) writes the
+    rows and deltas of `peft-jax sweep --in-process` (one run at a time)."""
+    from _train_fixtures import config_file
+    from peft_jax.sweep import sweep_main
+
+    model, task = tiny
+    spec = config_file(str(tmp_path / "exp.py"), model, task, str(tmp_path / "unused"), "head,lora",
+                       **{"train.steps": 4, "train.eval_every": 2, "train.best_metric": "accuracy",
+                          "task.test_split": "dev", "train.buckets": (12, 32),
+                          "train.batch_size": 4, "task.max_train_examples": 24})
+    grid = ["--seeds", "0,1", "--grid", "optim.lr=0.01,0.03", "--grid",
+            "peft.lora.init_a=kaiming,gaussian"]
+    roots = {m: str(tmp_path / m) for m in ("seq", "vec")}
+    assert sweep_main(["--config", spec, "--workdir", roots["seq"], "--in-process", *grid]) == 0
+    assert sweep_main(["--config", spec, "--workdir", roots["vec"], "--vectorize",
+                       "--vectorize-max", "4", *grid]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# vectorized: 4 cells as one program") == 2
+    names = sorted(d for d in os.listdir(roots["seq"]) if os.path.isdir(os.path.join(roots["seq"], d)))
+    assert len(names) == 8 and names == sorted(
+        d for d in os.listdir(roots["vec"]) if os.path.isdir(os.path.join(roots["vec"], d)))
+    rows = {m: {n: json.load(open(os.path.join(r, n, "result.json"))) for n in names}
+            for m, r in roots.items()}
+    for n in names:
+        s, v = rows["seq"][n], rows["vec"][n]
+        assert v["status"] == s["status"] == "finished" and v["vectorized"]["runs"] == 4
+        assert v["selected_step"] == s["selected_step"]
+        assert v["metrics"] == s["metrics"] and v["test"] == s["test"]
+        same = {k: x for k, x in s["config"].items() if k != "workdir"}
+        assert {k: x for k, x in v["config"].items() if k != "workdir"} == same
+        ds, _ = load_delta(os.path.join(roots["seq"], n, "delta"))
+        dv, _ = load_delta(os.path.join(roots["vec"], n, "delta"))
+        assert _max_diff(ds, dv) <= 1e-5
+        assert "runs vectorized" in open(os.path.join(roots["vec"], n, "train.log")).read()
+    # the cells really differ (seed, lr, init): the equality is not vacuous
+    deltas = [load_delta(os.path.join(roots["vec"], n, "delta"))[0] for n in names[:2]]
+    assert _max_diff(*deltas) > 1e-3
+    # a rerun skips the finished cells
+    assert sweep_main(["--config", spec, "--workdir", roots["vec"], "--vectorize", *grid]) == 0
+    assert "0 finished, 8 skipped" in capsys.readouterr().out

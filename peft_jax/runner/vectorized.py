@@ -8,7 +8,8 @@ One compilation of the train step and one of the predict step serve all K runs, 
 step reads the frozen base weights once for all of them (the runs' activations
 ``[K, batch, length, d_model]`` go through the same weight matrices). Each run keeps its own
 
-- initial delta and rng (``setup`` of its own config: ``PRNGKey(seed)``), training and
+- initial delta and rng (``setup`` of its own config: ``PRNGKey(seed)`` and the methods'
+  ``init_only`` options, e.g. ``peft.prompt.init``, ``peft.lora.init_a``), training and
   eval data and data order (its own batch iterator); the state is stacked on a leading
   run axis ``[K, ...]``, and so is method-owned frozen delta state (e.g. VeRA's
   projections), while the frozen base is not;
@@ -29,11 +30,14 @@ float summation order: the K batches of a step are right-padded to the longest o
 the sequential runner: no checkpoints during training and no resume (the selected delta
 is kept in memory), one process (the mesh's devices split each run's batch, as for a
 single run).
+
+:func:`vector_groups` splits any list of runs (a sweep's cells) into such groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -46,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
 from peft_jax.parallel.mesh import batch_sharding
+from peft_jax.peft.method import REGISTRY
 from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
@@ -59,30 +64,70 @@ from peft_jax.train.loop import NonFiniteLoss, compile_count
 from peft_jax.train.step import TrainState, make_eval_step, make_train_step
 from peft_jax.train.writers import MetricWriter
 
-# config keys (flat, as on the command line) in which vectorized runs may differ
+# config keys (flat, as on the command line) in which vectorized runs may differ, besides
+# the methods' init-only options (``peft.<method>.<option>``, :func:`varying_keys`)
 VARYING = ("name", "workdir", "seed", "optim.lr", "train.init_from", "task.train_split",
            "task.eval_split")
 # in_axes of the frozen tree: the base is shared, method-owned frozen delta state is per run
 FROZEN_AXES = {BASE_KEY: None, DELTA_KEY: 0}
 
 
+def varying_keys() -> tuple[str, ...]:
+    """:data:`VARYING` and every registered method's ``init_only`` options (they only
+    choose initial values, which are per run)."""
+    return VARYING + tuple(f"peft.{name}.{o}" for name, cls in sorted(REGISTRY.items())
+                           for o in cls.init_options())
+
+
+def group_lr_keys(flat: Mapping[str, Any]) -> list[str]:
+    """The group learning rates (``optim.<group>_lr``) a flat config sets."""
+    return sorted(k for k, v in flat.items() if k.startswith("optim.") and k.endswith("_lr") and v)
+
+
+def fixed_values(cfg: Any) -> dict[str, Any]:
+    """The flat config values vectorized runs must share: every key but
+    :func:`varying_keys`, and ``optim.lr`` too while a group learning rate is set."""
+    flat, varying = flat_config(cfg), set(varying_keys())
+    if group_lr_keys(flat):
+        varying.discard("optim.lr")
+    return {k: v for k, v in flat.items() if k not in varying}
+
+
+def vector_groups(cfgs: Sequence[Any], max_runs: int = 0) -> list[list[int]]:
+    """Indices of ``cfgs`` in groups that can train as one vectorized program (equal
+    :func:`fixed_values`; a group lists its runs in order, groups are ordered by their first
+    run), each cut into pieces of at most ``max_runs`` (0: no limit). One process only:
+    with several, every run is its own group."""
+    if jax.process_count() > 1:
+        return [[i] for i in range(len(cfgs))]
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        key = json.dumps(sorted(fixed_values(cfg).items()), default=repr)
+        if float(cfg.optim.lr) == 0:   # the others' rates are scaled from run 0's
+            key += "#lr=0"
+        groups.setdefault(key, []).append(i)
+    size = max_runs if max_runs > 0 else len(cfgs)
+    return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+
+
 def check_runs(cfgs: Sequence[Any]) -> None:
     """Raise :class:`ConfigError` (naming the key) unless the runs differ only in
-    :data:`VARYING` and their learning rates can be vectorized."""
+    :func:`varying_keys` and their learning rates can be vectorized."""
     if not cfgs:
         raise ConfigError("vectorized runs: no config given")
     flats = [flat_config(c) for c in cfgs]
-    for key in sorted(set().union(*flats) - set(VARYING)):
+    varying = varying_keys()
+    for key in sorted(set().union(*flats) - set(varying)):
         values = [f.get(key) for f in flats]
         other = next((i for i, v in enumerate(values) if v != values[0]), None)
         if other is not None:
             raise ConfigError(
                 f"config.{key}: run {other} ({cfgs[other].workdir}) has {values[other]!r}, run 0 "
-                f"has {values[0]!r}; vectorized runs may differ only in {', '.join(VARYING)}")
+                f"has {values[0]!r}; vectorized runs may differ only in "
+                f"{', '.join(VARYING)} and the methods' init options")
     lrs = [float(c.optim.lr) for c in cfgs]
     if len(set(lrs)) > 1:
-        groups = sorted(k for k, v in flats[0].items()
-                        if k.startswith("optim.") and k.endswith("_lr") and v)
+        groups = group_lr_keys(flats[0])
         if groups:
             raise ConfigError(f"config.optim.lr differs between vectorized runs while config."
                               f"{groups[0]}={flats[0][groups[0]]} is fixed; vary the rates "
