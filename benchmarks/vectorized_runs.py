@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import format_table, parse_result  # noqa: E402
 
-from peft_jax.fewshot.cli import enable_compile_cache, run_methods  # noqa: E402
+from peft_jax import compile_cache  # noqa: E402
+from peft_jax.fewshot.cli import run_methods  # noqa: E402
 from peft_jax.fewshot.methods import Budget  # noqa: E402
 
 MODES = ("sequential", "vectorized")
@@ -40,7 +41,7 @@ def worker(a: argparse.Namespace, budget_args: list[str]) -> None:
     """One mode in this process: run the seeds, print ``RESULT {json}``."""
     t0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    enable_compile_cache(a.cache_dir)
+    compile_cache.enable(a.cache_dir)
     p = argparse.ArgumentParser()
     for f in Budget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)

@@ -51,6 +51,7 @@ from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
 from peft_jax.parallel.mesh import batch_sharding
 from peft_jax.peft.method import REGISTRY
+from peft_jax.phases import PhaseClock
 from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
@@ -188,12 +189,13 @@ def scaled_state(state: TrainState, scale: float) -> TrainState:
     return state.replace(opt_state=(state.opt_state, inject))
 
 
-def shared_sessions(cfgs: Sequence[Any], pretrained: Any) -> list[Session]:
+def shared_sessions(cfgs: Sequence[Any], pretrained: Any, clock: Optional[PhaseClock] = None
+                    ) -> list[Session]:
     """``setup`` of every run; the runs share run 0's frozen base and jitted predict (the
     same base and methods: the others' copies are dropped as soon as they are made)."""
     sessions: list[Session] = []
     for cfg in cfgs:
-        s = setup(cfg, pretrained)
+        s = setup(cfg, pretrained, clock=clock)
         if sessions:
             s0 = sessions[0]
             shapes = lambda t: [np.shape(x) for x in jax.tree.leaves(t)]
@@ -258,17 +260,26 @@ class _Best:
             self.value, self.step, self.trainable = value, step, trainable
 
 
-def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResult]:
+def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None,
+                   clock: Optional[PhaseClock] = None) -> list[RunResult]:
     """Train the runs of ``cfgs`` as one vmapped program (see the module docstring); each
     run's ``result.json`` and ``delta`` are written as by ``run_experiment``. Returns
-    their results, in order (the sessions share one frozen base)."""
+    their results, in order (the sessions share one frozen base). ``clock``: the
+    program's phases (every run's row holds them), as for ``run_experiment``."""
+    clock = clock or PhaseClock(from_process_start=False)
+    with clock:
+        return _run_vectorized(cfgs, pretrained, clock)
+
+
+def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> list[RunResult]:
     t_start = time.perf_counter()
     check_runs(cfgs)
     if jax.process_index() == 0:   # as run_experiment: refuse / move aside old runs
         for cfg in cfgs:
             preflight(cfg)
             prepare_workdir(cfg)
-    sessions = shared_sessions(cfgs, pretrained)
+    clock.mark("config")
+    sessions = shared_sessions(cfgs, pretrained, clock)
     s0, c, n = sessions[0], cfgs[0].train, len(cfgs)
     replicated = NamedSharding(s0.mesh, P())
     frozen = {BASE_KEY: s0.frozen[BASE_KEY],
@@ -292,6 +303,7 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
     writers = [MetricWriter(cfg.workdir) if main else None for cfg in cfgs]
     best = [_Best() for _ in cfgs]
     last_eval: list[dict] = [{}] * n
+    clock.mark("prepare")
     t0 = time.perf_counter()
     try:
         for step in range(1, c.steps + 1):
@@ -301,6 +313,10 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
             last = step == c.steps
             if step % max(c.log_every, 1) == 0 or last or step == 1:
                 m = jax.device_get(metrics)
+                if step == 1:
+                    clock.mark("first_step")
+                    if main:
+                        print(clock.line(), flush=True)
                 bad = np.nonzero(np.asarray(m.get("applied", m["finite"])) < 1.0)[0]
                 if bad.size:
                     k = int(bad[0])
@@ -339,6 +355,7 @@ def run_vectorized(cfgs: Sequence[Any], pretrained: Any = None) -> list[RunResul
             "base_params": int(tree_size(s.exp.pre.base)), "steps": int(c.steps),
             "wall_s": wall / n, "train_wall_s": train_wall / n,
             "compilations": compile_count(vstep), "resumed_from": None,
+            "phases": clock.summary(),
             "vectorized": {"runs": n, "index": k, "wall_s": wall, "train_wall_s": train_wall},
         }
         if best[k].step is not None:
