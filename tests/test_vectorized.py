@@ -1,7 +1,8 @@
 """Many runs in one program (``peft_jax.runner.vectorized``): K vmapped runs over one frozen
 base equal K sequential ``run_experiment`` runs (trained and selected deltas, metrics,
 selected step, test metrics); runs that differ in anything but seed / init / data /
-learning rate are refused naming the key. Tiny random BERT (dropout on) on a synthetic task."""
+learning rate are refused naming the key. Tiny random BERT (dropout 0.1: conftest's ``tiny``)
+on a synthetic task."""
 
 from __future__ import annotations
 
@@ -16,21 +17,14 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _train_fixtures import tiny_config, write_task, write_tiny_bert  # noqa: E402
+from _train_fixtures import tiny_config  # noqa: E402
 
 from peft_jax.config import ConfigError  # noqa: E402
 from peft_jax.peft.delta_io import flatten_delta, load_delta  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, minilm_path):
-    root = tmp_path_factory.mktemp("vec")
-    model = write_tiny_bert(str(root / "model"), minilm_path, dropout=0.1)
-    return model, write_task(str(root / "data"))
-
-
 def _cfgs(tiny, root, seeds=(0, 1, 2), lrs=(1e-2, 3e-2, 5e-3), **over):
-    model, task = tiny
+    model, task, _ = tiny
     base = {"train.steps": 4, "train.eval_every": 2, "train.best_metric": "accuracy",
             "task.test_split": "dev", "train.buckets": (12, 32), "train.batch_size": 4,
             "task.max_train_examples": 24}
@@ -129,7 +123,7 @@ def test_fewshot_vectorized_seeds_give_the_sequential_rows(shared_data, tiny, tm
     from peft_jax.fewshot.cli import run_methods
     from peft_jax.fewshot.methods import Budget
 
-    model, _ = tiny
+    model, _, _ = tiny
     b = Budget(steps=4, eval_every=2, test_examples=40)
     args = (["head"], ["lmbff/sst2"], [13, 21], model, b)
     seq = run_methods(*args, str(tmp_path / "seq"))
@@ -193,7 +187,7 @@ def test_vectorized_sweep_cells_equal_sequential_cells(tiny, tmp_path, capsys):
     from _train_fixtures import config_file
     from peft_jax.sweep import sweep_main
 
-    model, task = tiny
+    model, task, _ = tiny
     spec = config_file(str(tmp_path / "exp.py"), model, task, str(tmp_path / "unused"), "head,lora",
                        **{"train.steps": 4, "train.eval_every": 2, "train.best_metric": "accuracy",
                           "task.test_split": "dev", "train.buckets": (12, 32),
