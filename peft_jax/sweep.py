@@ -24,7 +24,10 @@ combinations, the methods against the task and the model, e.g. a class-label pro
 shorter than the number of classes), with each base model loaded once. An invalid cell is
 reported up front, gets a ``result.json`` with ``status: "invalid"`` and the reason (so the
 report shows it), and is not run. A run that fails gets ``status: "failed"`` with the last
-line of its log. A run whose ``result.json`` says ``finished`` is skipped (after checking
+line of its log. ``--vectorize`` trains the cells that differ only in seed, learning rate or
+the methods' init options as one vmapped program over one frozen base
+(:mod:`peft_jax.runner.vectorized`; the same rows as one by one), each cell still in its own
+folder. A run whose ``result.json`` says ``finished`` is skipped (after checking
 that it was made with the same overrides); failed or missing runs are (re)executed.
 ``<root>/sweep.json`` lists every cell, so the report can show the missing ones.
 """
@@ -482,22 +485,65 @@ def _execute(run: Run, cmd: list[str], env: Optional[Mapping[str, str]],
     return run, rc, time.time() - t0
 
 
-def _execute_in_process(run: Run, cfg: ml_collections.ConfigDict, cache: dict) -> tuple[Run, int, float]:
-    """Run a cell in this process (the base model loaded once per sweep, from ``cache``);
-    its output goes to ``<workdir>/train.log``."""
-    from peft_jax.runner import run_experiment
-    os.makedirs(run.workdir, exist_ok=True)
-    t0, rc = time.time(), 0
-    with open(os.path.join(run.workdir, "train.log"), "a") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+class _Tee:
+    """A text stream writing to several files (a vectorized group's log goes to each cell's)."""
+
+    def __init__(self, files: Sequence[TextIO]):
+        self.files = files
+
+    def write(self, text: str) -> int:
+        for f in self.files:
+            f.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for f in self.files:
+            f.flush()
+
+
+def _execute_in_process(runs: Sequence[Run], train: Callable[[], list]) -> list[tuple[Run, int, float]]:
+    """Run ``train()`` (-> the cells' result rows, in order) in this process with its output
+    in every cell's ``<workdir>/train.log``; an exception fails every cell of ``runs``."""
+    for run in runs:
+        os.makedirs(run.workdir, exist_ok=True)
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        tee = _Tee([stack.enter_context(open(os.path.join(r.workdir, "train.log"), "a")) for r in runs])
+        stack.enter_context(contextlib.redirect_stdout(tee))
+        stack.enter_context(contextlib.redirect_stderr(tee))
         try:
-            result = run_experiment(cfg, pretrained=pretrained_for(cfg, cache))
-            rc = 0 if result.row.get("status") == "finished" else 1
-        except Exception as e:  # noqa: BLE001 (the error is the cell's result)
-            traceback.print_exc(file=log)
-            print(f"error: {type(e).__name__}: {_one_line(e)}", file=log)
-            rc = 1
-    return run, rc, time.time() - t0
+            rcs = [0 if row.get("status") == "finished" else 1 for row in train()]
+        except Exception as e:  # noqa: BLE001 (the error is the cells' result)
+            traceback.print_exc(file=tee)
+            print(f"error: {type(e).__name__}: {_one_line(e)}", file=tee)
+            rcs = [1] * len(runs)
+    return [(run, rc, time.time() - t0) for run, rc in zip(runs, rcs)]
+
+
+def _train_one(cfg: ml_collections.ConfigDict, cache: dict) -> Callable[[], list]:
+    """One cell with ``run_experiment`` (the base model from ``cache``, loaded once)."""
+    from peft_jax.runner import run_experiment
+    return lambda: [run_experiment(cfg, pretrained=pretrained_for(cfg, cache)).row]
+
+
+def _train_vectorized(cfgs: Sequence[ml_collections.ConfigDict], cache: dict) -> Callable[[], list]:
+    """Cells as one vectorized program (:func:`peft_jax.runner.vectorized.run_vectorized`)."""
+    from peft_jax.runner.vectorized import run_vectorized
+    return lambda: [r.row for r in run_vectorized(cfgs, pretrained=pretrained_for(cfgs[0], cache))]
+
+
+def vectorized_plan(runs: Sequence[Run], cfgs: Sequence[ml_collections.ConfigDict],
+                    max_runs: int = 0) -> list[list[int]]:
+    """Indices of ``runs`` in execution groups for ``--vectorize``: cells that differ only in
+    vectorizable values (:func:`peft_jax.runner.vectorized.vector_groups`: seed, learning
+    rate, the methods' init options) form one group; a cell whose workdir already holds a
+    run (checkpoints of an interrupted run: it resumes) runs alone."""
+    from peft_jax.runner.vectorized import vector_groups
+    from peft_jax.runner.workdir import CONFIG_NAME, run_files
+    fresh = [i for i, r in enumerate(runs) if not [f for f in run_files(r.workdir) if f != CONFIG_NAME]]
+    groups = [[fresh[j] for j in g] for g in vector_groups([cfgs[i] for i in fresh], max_runs)]
+    alone = [[i] for i in sorted(set(range(len(runs))) - set(fresh))]
+    return sorted(groups + alone, key=lambda g: g[0])
 
 
 def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = (), parallel: int = 1,
@@ -505,9 +551,16 @@ def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = 
               env: Optional[Mapping[str, str]] = None, fail_fast: bool = False,
               devices_per_run: int = 0, out: Optional[TextIO] = None, in_process: bool = False,
               cache: Optional[dict] = None, all_runs: Optional[Sequence[Run]] = None,
-              cfg: Optional[ml_collections.ConfigDict] = None) -> dict[str, list[str]]:
+              cfg: Optional[ml_collections.ConfigDict] = None, vectorize: bool = False,
+              vectorize_max: int = 0) -> dict[str, list[str]]:
     """Execute unfinished valid runs, ``parallel`` processes at a time (or one after the
     other in this process with ``in_process``); returns names by outcome.
+
+    ``vectorize`` (in this process): cells that differ only in vectorizable values (seed,
+    learning rate, the methods' init options; :func:`vectorized_plan`) train as one
+    vectorized program of at most ``vectorize_max`` runs (0: no limit), each cell still
+    writing its own run folder (``result.json``, ``delta``, ``metrics.jsonl``,
+    ``train.log``); a failure in a group fails its cells.
 
     Invalid cells are listed first and recorded (``status: "invalid"``), never executed.
     ``devices_per_run`` > 0 gives each of the ``parallel`` slots its own GPUs
@@ -522,6 +575,7 @@ def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = 
     out = out or sys.stdout
     if parallel < 1:
         raise SweepError(f"parallel must be >= 1, got {parallel}")
+    in_process = in_process or vectorize
     summary: dict[str, list[str]] = {"skipped": [], "finished": [], "failed": [], "pending": [],
                                      "invalid": []}
     base_cfg = cfg if cfg is not None else (load_config_file(config_spec) if (in_process or not dry_run)
@@ -536,6 +590,14 @@ def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = 
             print(f"# skip {run.name} (finished)", file=out)
         else:
             todo.append((run, train_command(run, config_spec, common, train_cmd)))
+    plan = [[i] for i in range(len(todo))]
+    if vectorize and todo:
+        cfgs = [run_config(base_cfg, run, common) for run, _ in todo]
+        plan = vectorized_plan([r for r, _ in todo], cfgs, vectorize_max)
+        for g in plan:
+            if len(g) > 1:
+                print(f"# vectorized: {len(g)} cells as one program: "
+                      + " ".join(todo[i][0].name for i in g), file=out)
     if dry_run:
         if devices_per_run and todo:
             print(f"# each run's environment also gets CUDA_VISIBLE_DEVICES = its slot's {devices_per_run} "
@@ -570,8 +632,12 @@ def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = 
         return ok
 
     if in_process:
-        for run, _ in todo:
-            if not finish(*_execute_in_process(run, run_config(base_cfg, run, common), cache)) and fail_fast:
+        for g in plan:
+            runs_g = [todo[i][0] for i in g]
+            cfgs_g = [run_config(base_cfg, run, common) for run in runs_g]
+            train = _train_vectorized(cfgs_g, cache) if len(g) > 1 else _train_one(cfgs_g[0], cache)
+            oks = [finish(*done) for done in _execute_in_process(runs_g, train)]
+            if not all(oks) and fail_fast:
                 break
         return summary
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -597,7 +663,8 @@ def select(runs: Iterable[Run], patterns: Sequence[str]) -> list[Run]:
 
 USAGE = """peft-jax sweep --config FILE[:arg] --workdir ROOT [--grid KEY=V1,V2,... ...]
                       [--seeds 0,1,2] [--config.KEY=V ...] [--config.sweep=SPEC]
-                      [--parallel N | --in-process] [--dry-run] [--list] [--only GLOB]
+                      [--parallel N | --in-process | --vectorize [--vectorize-max K]]
+                      [--dry-run] [--list] [--only GLOB]
                       [--no-check] [--fail-fast] [--train-cmd CMD] [--devices-per-run K]"""
 
 EPILOG = """The grid: config.sweep (or --config.sweep=SPEC, which replaces it) x every --grid
@@ -623,6 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run the cells one after the other in this process, loading each base "
                         "model once (saves the model load of every run)")
+    p.add_argument("--vectorize", action="store_true",
+                   help="in this process, train cells that differ only in seed, learning rate or "
+                        "the methods' init options as one vmapped program over one frozen base "
+                        "(same results as one by one; each cell keeps its own run folder)")
+    p.add_argument("--vectorize-max", type=int, default=0, metavar="K",
+                   help="with --vectorize: at most K runs per program (0: no limit; memory "
+                        "grows with K)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--list", action="store_true", help="list runs and their status")
     p.add_argument("--only", action="append", default=[], help="glob on run names (repeatable)")
@@ -648,8 +722,11 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if spec is None:
             raise SweepError("--config FILE.py[:arg] is required")
-        if args.parallel > 1 and args.in_process:
-            raise SweepError("--in-process runs cells one at a time; drop --parallel")
+        if args.parallel > 1 and (args.in_process or args.vectorize):
+            raise SweepError(f"--{'vectorize' if args.vectorize else 'in-process'} runs in this "
+                             "process; drop --parallel")
+        if args.vectorize and args.train_cmd:
+            raise SweepError("--vectorize trains in this process; drop --train-cmd")
         cfg = load_config_file(spec)
         cache: dict = {}
         check = None if args.no_check or args.dry_run else experiment_checker(cfg, cache)
@@ -669,7 +746,8 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
         s = run_sweep(runs, spec, common=common, parallel=args.parallel, dry_run=args.dry_run,
                       train_cmd=shlex.split(args.train_cmd) if args.train_cmd else None,
                       fail_fast=args.fail_fast, devices_per_run=args.devices_per_run,
-                      in_process=args.in_process, cache=cache, all_runs=every, cfg=cfg)
+                      in_process=args.in_process, cache=cache, all_runs=every, cfg=cfg,
+                      vectorize=args.vectorize, vectorize_max=args.vectorize_max)
     except (SweepError, ConfigError) as e:
         print_error(e, "sweep: ")
         return 2

@@ -11,6 +11,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no persistent compilation cache unless a test asks for one (tests stay independent of
+# what earlier runs left in ~/.cache; test_phases.py checks the cache itself)
+os.environ.setdefault("PEFT_JAX_COMPILE_CACHE", "off")
+os.environ.setdefault("PEFT_JAX_MODEL_CACHE", "off")
 
 import pathlib
 

@@ -56,3 +56,18 @@ def test_step_bench_quick_prints_table(tmp_path):
     torch_rows = {r["method"]: r for r in rows if r["framework"] == "torch+hf_peft"}
     for m in ("full", "lora"):
         assert jax_rows[m]["opt MB"] == torch_rows[m]["opt MB"], (jax_rows[m], torch_rows[m])
+
+
+def test_cache_load_scaling_prints_a_row_per_depth():
+    """benchmarks/cache_load_scaling.py: a cold process compiles, a warm one loads the
+    executable from the cache (a positive load time means the cache was hit)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cache_load_scaling.py"),
+                        "--layers", "2,4"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("layers "))
+    rows = [ln.split() for ln in lines[head + 2:]]
+    assert [r[0] for r in rows] == ["2", "4"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)

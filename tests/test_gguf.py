@@ -201,3 +201,37 @@ def test_gguf_bad_metadata_and_shapes_are_named(tmp_path):
     write_tiny_gguf(path, config, bad)
     with pytest.raises(CheckpointError, match=r"shape\.gguf.*model\.layers\.1\.mlp\.up_proj\.weight"):
         G.load_gguf(path, with_tokenizer=False)
+
+
+@pytest.mark.slow
+def test_converted_gguf_cache_loads_the_same_model(smollm2_gguf, tmp_path, monkeypatch):
+    """With PEFT_JAX_MODEL_CACHE the first load converts the GGUF file into a HF folder and
+    reads it, later loads read it directly: the same config, bit-identical base,
+    fingerprint and tokenizer as the load from the GGUF file itself (cache off)."""
+    from peft_jax.models import converted
+    from peft_jax.models.registry import load_pretrained
+
+    monkeypatch.setenv(converted.ENV, "off")
+    ref = load_pretrained(smollm2_gguf)
+    assert converted.folder_for(smollm2_gguf) is None and converted.conversion(smollm2_gguf) is None
+    monkeypatch.setenv(converted.ENV, str(tmp_path / "models"))
+    assert converted.cached(smollm2_gguf) is None
+    loads = [load_pretrained(smollm2_gguf)]        # converts, then reads the folder
+    hit = converted.cached(smollm2_gguf)
+    assert hit is not None and hit[1] == ref.fingerprint
+    assert os.path.dirname(hit[0]) == str(tmp_path / "models")
+    loads.append(load_pretrained(smollm2_gguf))    # reads the folder
+    ref_leaves = jax.tree_util.tree_leaves_with_path(ref.base)
+    for pre in loads:
+        assert pre.config == ref.config and pre.fingerprint == ref.fingerprint
+        assert pre.family is ref.family and pre.name == ref.name
+        leaves = jax.tree_util.tree_leaves_with_path(pre.base)
+        assert [p for p, _ in leaves] == [p for p, _ in ref_leaves]
+        for (_, a), (_, b) in zip(leaves, ref_leaves):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        assert converted.same_tokenizer(pre.tokenizer, ref.tokenizer)
+        for text in PROMPTS:
+            assert pre.tokenizer(text)["input_ids"] == ref.tokenizer(text)["input_ids"]
+        assert (pre.tokenizer.eos_token_id, pre.tokenizer.pad_token_id) == (
+            ref.tokenizer.eos_token_id, ref.tokenizer.pad_token_id)

@@ -437,7 +437,7 @@ def test_every_project_error_is_one_line_with_its_exit_code(monkeypatch, capsys,
         cli.main(["boom"])
     # --debug after `--` belongs to the wrapped command
     assert cli._split_debug(["launch", "tpu", "--", "train", "--debug"]) == (
-        ["launch", "tpu", "--", "train", "--debug"], debug == "env")
+        ["launch", "tpu", "--", "train", "--debug"], debug == "env", None)
 
 
 def _cli(args, env=None, timeout=300):

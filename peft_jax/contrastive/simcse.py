@@ -48,6 +48,7 @@ from peft_jax.peft import heads
 from peft_jax.peft.base_rules import FullFinetuning
 from peft_jax.peft.heads import Head
 from peft_jax.train.builder import build_train_state
+from peft_jax.phases import PhaseClock
 from peft_jax.train.loop import LoopConfig, LoopResult, run_loop
 from peft_jax.train.step import TrainState, jit_train_step, make_train_step
 
@@ -157,6 +158,7 @@ class SimCSEResult:
     loop: LoopResult
     objective: Objective = Dropout()
     cfg: Optional[SimCSEConfig] = None
+    phases: Optional[dict] = None   # time to first step (peft_jax.phases), from the call
 
     def embedder(self, tokenizer: Any, pooling: Optional[str] = None, **kw) -> Any:
         """The objective's sentence embedder (pooling ``pooling`` or the run's)."""
@@ -253,14 +255,27 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
     evaluation (``embedder``)."""
     if not methods and not full_finetune:
         raise ValueError(f"{name}: nothing to train; give PEFT methods or full_finetune=True")
+    clock = PhaseClock(from_process_start=False)
+    with clock:
+        return _train_timed(clock, name, pretrained, cfg, methods, full_finetune, mesh, eval_fn,
+                            eval_every, progress, batches_of, loss_fn_of, objective)
+
+
+def _train_timed(clock: PhaseClock, name: str, pretrained: Any, cfg: SimCSEConfig,
+                 methods: Sequence[Any], full_finetune: bool, mesh: Any,
+                 eval_fn: Optional[Callable[[Embedder], dict]], eval_every: int, progress: bool,
+                 batches_of: Callable[[Any, int], SentenceBatches],
+                 loss_fn_of: Callable[[Any], Callable], objective: Objective) -> SimCSEResult:
     config = with_dropout(pretrained.config, cfg.dropout)
     pre = dataclasses.replace(pretrained, config=config)
     methods = (tuple(methods) + ((FullFinetuning(),) if full_finetune else ())
                + ((Head(kind="projection", dropout=0.0, num_labels=0, d_model=pre.d_model),)
                   if cfg.use_head else ()))
     model = pre.build(Slots(methods))
+    clock.mark("model_load")
     tokenizer = make_tokenizer(pre.tokenizer, cfg.max_length)
     batches = batches_of(tokenizer, cfg.seed)
+    clock.mark("data")
 
     def make_tx(trainable):
         tx = optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
@@ -280,6 +295,7 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
     else:
         shard = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         train_step = jit_train_step(step)
+    clock.mark("init")
 
     def variables_of(st: TrainState) -> dict:
         return model_variables(ts.variables(frozen, st.trainable))
@@ -292,8 +308,8 @@ def _train(name: str, pretrained: Any, cfg: SimCSEConfig, methods: Sequence[Any]
                       cfg=LoopConfig(total_steps=cfg.steps, log_every=cfg.log_every,
                                      eval_every=eval_every, progress=progress),
                       examples_per_step=cfg.batch_size,
-                      meta_fn=lambda: {"data": batches.get_state()})
+                      meta_fn=lambda: {"data": batches.get_state()}, clock=clock)
     variables = variables_of(result.state)
     head_out = result.state.trainable["peft"].get("head") if cfg.use_head else None
     return SimCSEResult(model=model, variables=variables, head=head_out, loop=result,
-                        objective=objective, cfg=cfg)
+                        objective=objective, cfg=cfg, phases=clock.summary())

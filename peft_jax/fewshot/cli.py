@@ -20,9 +20,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from peft_jax import compile_cache
 from peft_jax.data.builtin import LMBFF_SEEDS
-from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, Budget, Interrupted, check_template,
-                                      method_config, run_one)
+from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, VECTORIZABLE, Budget, Interrupted,
+                                      check_template, method_config, run_one, run_seeds_vectorized)
+from peft_jax.phases import PhaseClock
 
 
 def result_path(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str) -> str:
@@ -31,8 +33,13 @@ def result_path(method: str, task: str, seed: int, model: str, budget: Budget, w
 
 
 def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[int],
-                model: str, budget: Budget, workdir: str, skip_existing: bool = True) -> list[dict]:
-    """Every (task, method, seed) run not done yet; the model is loaded once per method."""
+                model: str, budget: Budget, workdir: str, skip_existing: bool = True,
+                vectorize: bool = False, clock: Optional[PhaseClock] = None) -> list[dict]:
+    """Every (task, method, seed) run not done yet; the model is loaded once per method.
+    ``vectorize``: the seeds of each method train as one program
+    (:func:`~peft_jax.fewshot.methods.run_seeds_vectorized`; ``VECTORIZABLE`` methods only).
+    ``clock`` (the process's phases): its ``model_load`` phase, then the first training
+    run's phases (later runs time themselves)."""
     from peft_jax.models.registry import load_pretrained
 
     rows, loaded = [], {}
@@ -41,11 +48,22 @@ def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[in
             name = model or DEFAULT_MODEL[m]
             todo = [s for s in seeds if not (skip_existing and os.path.exists(
                 result_path(m, task, s, name, budget, workdir)))]
-            for seed in todo:
-                if name not in loaded:
-                    loaded.clear()   # one model in memory at a time
-                    loaded[name] = load_pretrained(name)
-                row = run_one(m, task, seed, name, budget, workdir, pre=loaded[name])
+            if todo and name not in loaded:
+                loaded.clear()   # one model in memory at a time
+                loaded[name] = load_pretrained(name)
+                if clock is not None:
+                    clock.mark("model_load")
+            if vectorize and todo:
+                done = run_seeds_vectorized(m, task, todo, name, budget, workdir, pre=loaded[name],
+                                            clock=clock)
+                clock = None
+            else:
+                done = []
+                for seed in todo:
+                    done.append(run_one(m, task, seed, name, budget, workdir, pre=loaded[name],
+                                        clock=clock))
+                    clock = None
+            for seed, row in zip(todo, done):
                 rows.append(row)
                 print(json.dumps({"task": task, "method": m, "model": name, "seed": seed,
                                   "test": row["metrics"], "dev": row.get("dev"),
@@ -67,14 +85,6 @@ def summary(workdir: str) -> str:
     return report.format_table(agg, keys, metrics)
 
 
-def enable_compile_cache(folder: str, min_compile_s: float = 1.0) -> None:
-    """Persist compiled XLA programs in ``folder`` (must be trusted: it holds executables)."""
-    import jax
-    os.makedirs(folder, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
-
-
 def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="peft-jax fewshot", description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True,
@@ -84,19 +94,24 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", default=",".join(str(s) for s in LMBFF_SEEDS))
     p.add_argument("--workdir", default="runs/fewshot")
     p.add_argument("--rerun", action="store_true", help="also rerun seeds with a result.json")
-    p.add_argument("--compile-cache", default=os.path.join("~", ".cache", "peft_jax", "xla"),
-                   help="persistent XLA compilation cache: every seed compiles the same "
-                        "programs, so later seeds load them ('' disables)")
+    p.add_argument("--vectorize", action="store_true",
+                   help=f"train the seeds of a method as one vmapped program over one frozen "
+                        f"base ({', '.join(VECTORIZABLE)}; same results as one by one)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent XLA compilation cache (peft_jax.compile_cache; default: "
+                        "$PEFT_JAX_COMPILE_CACHE, else ~/.cache/peft_jax/jax_cache)")
     for f in dataclasses.fields(Budget):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.compile_cache:
-        enable_compile_cache(os.path.expanduser(a.compile_cache))
+    compile_cache.enable(a.compile_cache)
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"--method {','.join(bad)}: choose from {', '.join(METHODS)}")
+    if a.vectorize and [m for m in methods if m not in VECTORIZABLE]:
+        p.error(f"--vectorize: {','.join(m for m in methods if m not in VECTORIZABLE)} "
+                f"do not train one runner per seed; vectorizable: {', '.join(VECTORIZABLE)}")
     budget = Budget(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Budget)})
     try:
         check_template(methods, budget)
@@ -105,7 +120,11 @@ def fewshot_main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
     try:
-        run_methods(methods, tasks, seeds, a.model, budget, a.workdir, skip_existing=not a.rerun)
+        clock = PhaseClock()
+        clock.mark("imports")
+        with clock:
+            run_methods(methods, tasks, seeds, a.model, budget, a.workdir,
+                        skip_existing=not a.rerun, vectorize=a.vectorize, clock=clock)
     except Interrupted as e:
         print(f"[peft_jax] fewshot stopped: {e}", file=sys.stderr, flush=True)
         return 143

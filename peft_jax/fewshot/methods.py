@@ -45,9 +45,14 @@ from peft_jax.data.fewshot import unlabelled
 from peft_jax.defaults import base_config
 from peft_jax.fewshot import pet, protoverb_frozen, self_training
 from peft_jax.models.registry import load_pretrained, model_kind
+from peft_jax.phases import PhaseClock
 from peft_jax.runner import RunResult, encode_split, load_examples, run_experiment, setup
 from peft_jax.runner.results import flat_config, write_json
+from peft_jax.runner.vectorized import run_vectorized
 
+# methods whose seeds can train as one vectorized program (``--vectorize``): one runner
+# training per seed, with the same shapes for every seed
+VECTORIZABLE = ("prompt", "prompt_demo", "head")
 METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "head", "protoverb",
            "protoverb_mean", "pet", "selftrain", "intermediate", "multitask")
 LM_METHODS = ("zeroshot", "incontext", "prompt", "prompt_demo", "pet")
@@ -185,8 +190,9 @@ def _row(cfg, method: str, res: dict, t0: float, **extra) -> dict:
            "selected_step": res.get("selected_step"), "steps": res.get("steps", 0),
            "trainable_params": res.get("trainable_params", 0),
            "base_params": res.get("base_params", 0), "wall_s": time.perf_counter() - t0}
-    if res.get("reliability"):
-        row["reliability"] = res["reliability"]
+    for key in ("reliability", "phases"):
+        if res.get(key):
+            row[key] = res[key]
     row["config"]["fewshot.method"] = method
     row.update(extra)
     return row
@@ -257,9 +263,10 @@ class Interrupted(RuntimeError):
     """A run stopped early (SIGTERM / preemption): no row is written for it."""
 
 
-def train(cfg, pre: Any) -> RunResult:
-    """One runner training with dev selection and a test evaluation of the selected step."""
-    res = run_experiment(cfg, pretrained=pre)
+def train(cfg, pre: Any, clock: Optional[PhaseClock] = None) -> RunResult:
+    """One runner training with dev selection and a test evaluation of the selected step
+    (``clock``: its phases, as for ``run_experiment``)."""
+    res = run_experiment(cfg, pretrained=pre, clock=clock)
     if res.row["status"] != "finished":
         raise Interrupted(f"{cfg.workdir}: run {res.row['status']} at step {res.row['steps']}; "
                           "no result row written (rerun the command to redo this seed)")
@@ -304,8 +311,9 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
 
 
 def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str,
-            pre: Any = None) -> dict:
-    """Run ``method`` for one seed and write its row; returns the row."""
+            pre: Any = None, clock: Optional[PhaseClock] = None) -> dict:
+    """Run ``method`` for one seed and write its row; returns the row. ``clock``: the
+    phases of its training run (methods trained by the runner)."""
 
     cfg = method_config(method, task, seed, model, budget, workdir)
     t0 = time.perf_counter()
@@ -316,7 +324,7 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
     if method in ("zeroshot", "incontext"):
         return write_row(cfg, _row(cfg, method, untrained(cfg, pre), t0))
     if method in ("prompt", "prompt_demo", "head"):
-        return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0))
+        return write_row(cfg, _row(cfg, method, train(cfg, pre, clock).row, t0))
     if method == "pet":
         return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0))
     if method == "selftrain":   # STraTA: teacher and students start from the intermediate task
@@ -332,6 +340,26 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
         return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0,
                                    mixture=cfg.task.mixture))
     raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
+
+
+def run_seeds_vectorized(method: str, task: str, seeds: Sequence[int], model: str,
+                         budget: Budget, workdir: str, pre: Any = None,
+                         clock: Optional[PhaseClock] = None) -> list[dict]:
+    """The seeds of ``method`` (one of ``VECTORIZABLE``) trained as one vectorized program
+    (:func:`peft_jax.runner.vectorized.run_vectorized`: one compilation, one pass of the
+    base weights per step for all seeds); each seed's row and files as :func:`run_one`
+    writes them, its ``wall_s`` the seeds' share of the total."""
+    if method not in VECTORIZABLE:
+        raise ValueError(f"--vectorize: {method} does not train one runner per seed; "
+                         f"vectorizable methods: {', '.join(VECTORIZABLE)}")
+    t0 = time.perf_counter()
+    cfgs = [method_config(method, task, seed, model, budget, workdir) for seed in seeds]
+    results = [with_test_calibration(cfg, res)
+               for cfg, res in zip(cfgs, run_vectorized(cfgs, pre or load_pretrained(model), clock))]
+    wall = (time.perf_counter() - t0) / len(cfgs)
+    return [write_row(cfg, _row(cfg, method, res.row, t0, wall_s=wall,
+                                vectorized=res.row["vectorized"]))
+            for cfg, res in zip(cfgs, results)]
 
 
 def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,

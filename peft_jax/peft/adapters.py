@@ -45,7 +45,8 @@ class Adapter(PeftMethod):
     placement: str = option("houlsby", "houlsby (after attention and FFN) | pfeiffer (FFN only)")
     bottleneck: int = option(64, "bottleneck width")
     activation: str = option("relu", "activation between down and up projections")
-    init_scale: float = option(1e-3, "std of the normal init of the projections")
+    init_scale: float = option(1e-3, "std of the normal init of the projections",
+                               init_only=True)
 
     def __post_init__(self):
         if self.placement not in KINDS:

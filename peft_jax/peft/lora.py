@@ -93,7 +93,7 @@ class LoRA(PeftMethod):
                                config_default="")
     alpha_pattern: Any = option((), "per-module alphas: 'regex=alpha,...'", parse=parse_pattern,
                                 config_default="")
-    init_a: str = option("kaiming", "lora_a init: kaiming | gaussian")
+    init_a: str = option("kaiming", "lora_a init: kaiming | gaussian", init_only=True)
 
     def __post_init__(self):
         self.check_regex("targets")

@@ -77,13 +77,17 @@ class OptionError(ValueError):
 
 
 def option(default: Any, help: str = "", *, parse: Optional[Callable[[Any], Any]] = None,
-           config_default: Any = _MISSING) -> Any:
+           config_default: Any = _MISSING, init_only: bool = False) -> Any:
     """A dataclass field that is also the config key ``config.peft.<name>.<field>``.
 
     ``parse``: config value -> field value (e.g. ``"a=1,b=2"`` -> pairs); ``config_default``:
     the config's default when it differs from the field's (e.g. ``""`` for ``()``).
+    ``init_only``: the option only chooses the delta's initial values (used by the slots'
+    initializers and ``finalize_delta``, never by the forward pass or ``materialize``, and
+    not by any shape): runs that differ in it can train as one vectorized program
+    (:mod:`peft_jax.runner.vectorized`).
     """
-    meta = {"config": True, "help": help, "parse": parse,
+    meta = {"config": True, "help": help, "parse": parse, "init_only": init_only,
             "config_default": default if config_default is _MISSING else config_default}
     return dataclasses.field(default=default, metadata=meta)
 
@@ -171,6 +175,11 @@ class PeftMethod:
     def options(cls) -> list[dataclasses.Field]:
         """The dataclass fields that are config keys, in declaration order."""
         return [f for f in dataclasses.fields(cls) if f.metadata.get("config", False)]
+
+    @classmethod
+    def init_options(cls) -> list[str]:
+        """Names of the options marked ``init_only`` (see :func:`option`)."""
+        return [f.name for f in cls.options() if f.metadata.get("init_only", False)]
 
     @classmethod
     def config_defaults(cls) -> ml_collections.ConfigDict:

@@ -57,7 +57,7 @@ class PrefixTuning(PeftMethod):
     length: int = option(10, "prefix vectors per attention layer")
     projection_hidden: int = option(0, "MLP reparameterization width (0: none); folded at export")
     targets: str = option(r"(.*/)?attention", "regex over attention module paths")
-    init_scale: float = option(1.0, "std of the normal init")
+    init_scale: float = option(1.0, "std of the normal init", init_only=True)
 
     def __post_init__(self):
         if self.projection_hidden is None:

@@ -297,14 +297,20 @@ class PromptTuning(PeftMethod):
 
     length: int = option(20, "number of soft-prompt vectors")
     placement: str = option("prefix", "prefix | after_bos | suffix")
-    init: str = option("uniform", "uniform | sampled_vocab | class_labels | text | file")
-    init_scale: float = option(0.5, "uniform init range [-init_scale, init_scale]")
-    top_k: int = option(5000, "sampled_vocab: sample from the top_k most frequent ids")
+    init: str = option("uniform", "uniform | sampled_vocab | class_labels | text | file",
+                       init_only=True)
+    init_scale: float = option(0.5, "uniform init range [-init_scale, init_scale]",
+                               init_only=True)
+    top_k: int = option(5000, "sampled_vocab: sample from the top_k most frequent ids",
+                        init_only=True)
     ranking: str = option("auto", "sampled_vocab: ids (ids are frequency-ordered), corpus "
-                                  "(rank ids by counts over the training texts), auto")
-    text: str = option("", "init=text: the text whose token embeddings start the prompt")
-    file: str = option("", "init=file: an .npy [length, d] (SPoT transfer)")
-    resize: str = option("", "init=file with another length: '' (error) | truncate | tile")
+                                  "(rank ids by counts over the training texts), auto",
+                          init_only=True)
+    text: str = option("", "init=text: the text whose token embeddings start the prompt",
+                       init_only=True)
+    file: str = option("", "init=file: an .npy [length, d] (SPoT transfer)", init_only=True)
+    resize: str = option("", "init=file with another length: '' (error) | truncate | tile",
+                         init_only=True)
     ranking_ids: Optional[tuple] = internal(None, "resolved frequency ranking of token ids")
     tokenizer_kind: Optional[str] = internal(None, "sentencepiece | wordpiece | bpe")
     label_token_ids: tuple = internal((), "class_labels: sub-token ids per class")

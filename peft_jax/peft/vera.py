@@ -67,8 +67,9 @@ class VeRA(PeftMethod):
     targets: str = option(r".*/(query|value)$", "regex over dense module paths")
     rank: int = option(256, "r: width of the shared random projections")
     dropout: float = option(0.0, "dropout on the VeRA input (HF vera_dropout)")
-    d_initial: float = option(0.1, "init of every vera_lambda_d")
-    projection_prng_key: int = option(0, "seed of the shared projections (JAX PRNG)")
+    d_initial: float = option(0.1, "init of every vera_lambda_d", init_only=True)
+    projection_prng_key: int = option(0, "seed of the shared projections (JAX PRNG; "
+                                               "frozen per-run state)", init_only=True)
 
     def __post_init__(self):
         self.check_regex("targets")

@@ -37,8 +37,14 @@ def predict_encoded(predict: Callable, trainable: Any, frozen: Any, encoded: Any
         labels.append(batch["label"])
         keep.append(batch["example_mask"] > 0)
         rows.append(batch["row"])
+    return in_row_order(preds, labels, keep, rows)
+
+
+def in_row_order(preds: list, labels: list, keep: list, rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch predictions, labels, real-row flags and row numbers -> (predictions,
+    labels) of the real rows in row order (batches come bucket by bucket)."""
     k = np.concatenate(keep)
-    order = np.argsort(np.concatenate(rows)[k], kind="stable")   # buckets -> row order
+    order = np.argsort(np.concatenate(rows)[k], kind="stable")
     return np.concatenate(preds)[k][order], np.concatenate(labels)[k][order]
 
 

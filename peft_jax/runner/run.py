@@ -25,10 +25,12 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from peft_jax.models.stack import unstack_layers
 from peft_jax.parallel import distributed
 from peft_jax.parallel.prefetch import DevicePrefetcher
+from peft_jax.phases import PhaseClock
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import save_delta
 from peft_jax.peft.partition import tree_size
@@ -44,6 +46,12 @@ from peft_jax.train.step import jit_train_step, make_train_step
 from peft_jax.train.writers import MetricWriter
 
 
+# the untrained delta is kept for its baseline evaluation after training while it holds at
+# most this fraction of the base's parameter count (PEFT methods); larger ones (full
+# fine-tuning) are evaluated before training instead of doubling their memory
+BASELINE_COPY_FRACTION = 0.1
+
+
 @dataclasses.dataclass
 class RunResult:
     """What a run produced: ``row`` (the JSON row written to ``result.json``) and the live
@@ -56,16 +64,26 @@ class RunResult:
     session: Session
 
 
-def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None
-                   ) -> RunResult:
-    """Train (or resume) the run described by ``cfg``; returns its result (and writes it)."""
+def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None,
+                   clock: Optional[PhaseClock] = None) -> RunResult:
+    """Train (or resume) the run described by ``cfg``; returns its result (and writes it).
+    ``clock``: the run's phases up to its first step (:mod:`peft_jax.phases`; default: a
+    clock started now), in its row as ``phases`` and in its log."""
+    clock = clock or PhaseClock(from_process_start=False)
+    with clock:
+        return _run(cfg, pretrained, on_step, clock)
+
+
+def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: PhaseClock
+         ) -> RunResult:
     t_start = time.perf_counter()
     distributed.initialize()
     main = jax.process_index() == 0
     if main:   # refuse / move aside an old run, save the resolved config (before the model loads)
         preflight(cfg)
         prepare_workdir(cfg)
-    s = setup(cfg, pretrained)
+    clock.mark("config")
+    s = setup(cfg, pretrained, clock=clock)
     exp, c = s.exp, cfg.train
     state, frozen, batches, shard, meta = s.state, s.frozen, s.batches, s.shard, s.meta_base
     train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables,
@@ -102,9 +120,15 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         # the position after the batches consumed (not after those prefetched)
         return {**meta, "step": int(step), "data": feed.get_state()}
 
-    baseline = {}
-    if c.baseline:   # the untrained delta's metrics (kept from the interrupted run's row)
-        baseline = stored.get("baseline") or s.evaluate(s.state.trainable)
+    # the untrained delta's metrics (kept from an interrupted run's row): evaluated after
+    # training (so training starts sooner) from a copy of the untrained delta when that is
+    # small, else now
+    baseline, untrained = (stored.get("baseline") or {}) if c.baseline else {}, None
+    if c.baseline and not baseline:
+        if tree_size(s.state.trainable) <= BASELINE_COPY_FRACTION * tree_size(exp.pre.base):
+            untrained = jax.tree.map(jnp.copy, s.state.trainable)
+        else:
+            baseline = s.evaluate(s.state.trainable)
     writer = MetricWriter(cfg.workdir, resume_step=resumed_from or 0) if main else None
     n_params = tree_size(state.trainable)
     if main:
@@ -113,6 +137,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
               f"mesh={dict(s.mesh.shape)}; train={s.n_train} eval={s.n_eval} examples"
               + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
               flush=True)
+    clock.mark("prepare")
     try:
         loop = run_loop(
             state=state, frozen=frozen, train_step=train_step, batches=feed, shard=loop_shard,
@@ -121,7 +146,7 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
                            ckpt_every_s=c.ckpt_every_s, max_update_ratio=c.max_update_ratio),
             eval_fn=lambda st: s.evaluate(st.trainable), checkpointer=ckpt, meta_fn=meta_fn,
             writer=writer, examples_per_step=c.batch_size, best_metric=c.best_metric or None,
-            best_checkpointer=best, on_step=on_step)
+            best_checkpointer=best, on_step=on_step, clock=clock)
     finally:
         if feed is not batches:
             feed.close()
@@ -136,13 +161,15 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         # resumed at the last step (killed after the final checkpoint, before result.json):
         # the final evaluation of the same state
         metrics = s.evaluate(loop.state.trainable)
+    if untrained is not None and loop.status == "finished":
+        baseline = s.evaluate(untrained)
     row = {
         "name": cfg.name, "status": loop.status, "config": flat_config(cfg),
         "metrics": metrics, "baseline": baseline,
         "trainable_params": int(n_params), "base_params": int(tree_size(exp.pre.base)),
         "steps": int(jax.device_get(loop.state.step)), "wall_s": time.perf_counter() - t_start,
         "train_wall_s": loop.wall_s, "compilations": loop.compilations,
-        "resumed_from": resumed_from,
+        "resumed_from": resumed_from, "phases": clock.summary(),
     }
     selected = loop.state.trainable
     if loop.status == "finished":
@@ -150,19 +177,9 @@ def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int]
         if step is not None:
             row["selected_step"] = step
     if loop.status == "finished" and cfg.task.test_split:
-        test_enc = encode_split(exp, load_examples(exp, cfg.task.test_split,
-                                                   cfg.task.max_test_examples, cfg.seed))
-        row["test"] = s.evaluate(selected, test_enc)
+        row["test"] = s.evaluate(selected, encoded_test_split(cfg, s))
     if main:
-        if loop.status == "finished":
-            # the whole delta (trainable and method-owned frozen leaves) and any trained base
-            # leaves; the selected step's under train.best_metric, else the last
-            save_delta(os.path.join(cfg.workdir, "delta"), delta_tree(selected, frozen),
-                       base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
-                       overwrite=True)
-        write_json(os.path.join(cfg.workdir, "result.json"), row)
-        if loop.status == "finished":
-            print(results_table(row), flush=True)
+        save_outputs(cfg, exp, row, selected, frozen)
     return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
 
 
@@ -181,6 +198,26 @@ def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
         return sel.restore(s.abstract_state(), s.meta_base, step=step)[0].trainable, int(step)
     finally:
         sel.close()
+
+
+def encoded_test_split(cfg, s: Session) -> Any:
+    """The run's encoded test split (``task.test_split``, a seeded subset of
+    ``task.max_test_examples``)."""
+    return encode_split(s.exp, load_examples(s.exp, cfg.task.test_split,
+                                             cfg.task.max_test_examples, cfg.seed))
+
+
+def save_outputs(cfg, exp: Any, row: dict, selected: Any, frozen: Any) -> None:
+    """A run's files: ``delta`` (finished runs: the whole delta, i.e. trainable and
+    method-owned frozen leaves and any trained base leaves; the selected step's under
+    ``train.best_metric``, else the last) and ``result.json``; prints a finished row's table."""
+    if row["status"] == "finished":
+        save_delta(os.path.join(cfg.workdir, "delta"), delta_tree(selected, frozen),
+                   base_id=exp.base_id, base_hash=exp.base_hash, methods=exp.methods,
+                   overwrite=True)
+    write_json(os.path.join(cfg.workdir, "result.json"), row)
+    if row["status"] == "finished":
+        print(results_table(row), flush=True)
 
 
 def delta_tree(trainable: Any, frozen: Any, per_layer: bool = True) -> dict:

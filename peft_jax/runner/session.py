@@ -24,6 +24,7 @@ from peft_jax.data import make_batches
 from peft_jax.data.tokenize import pad_token_id
 from peft_jax.parallel import distributed
 from peft_jax.parallel.mesh import make_mesh, shard_batch, under_mesh
+from peft_jax.phases import PhaseClock
 from peft_jax.peft.delta_io import load_delta, methods_config, tree_spec
 from peft_jax.peft.optim import optimizer_from_config
 from peft_jax.peft import tree
@@ -155,16 +156,20 @@ def meta_base(exp: Experiment) -> dict:
         "optimizer": cfg.optim.optimizer, "scan_layers": bool(cfg.model.scan_layers)}))
 
 
-def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) -> Session:
+def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False,
+          clock: Optional[PhaseClock] = None) -> Session:
     """Everything before the first step: load, (encode), init the delta, shard, jit.
 
     ``bare``: the plain base model, no PEFT method (the format's head only); its state is
-    initialized even without training data."""
+    initialized even without training data. ``clock``: its ``model_load``, ``data`` and
+    ``init`` phases end here."""
+    clock = clock or PhaseClock(from_process_start=False)
     if data not in DATA_MODES:
         raise ValueError(f"setup: data={data!r}; choose one of {DATA_MODES}")
     distributed.initialize()
     mesh = make_mesh(dict(cfg.mesh))
     exp = build_experiment(cfg, pretrained, bare=bare, mesh=mesh)
+    clock.mark("model_load")
     c = cfg.train
     train_enc = eval_enc = batches = None
     if data == "train":
@@ -177,6 +182,7 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) 
         eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples, cfg.seed)
         eval_enc = encode_split(exp, eval_ex,
                                 demonstration_pool(exp) if cfg.task.demonstrations else None)
+    clock.mark("data")
     spec = format_spec(exp, train_enc if train_enc is not None else eval_enc)
     transform = (lambda tr: init_from_delta(tr, c.init_from, exp)) if c.init_from else None
     ts = build_train_state(
@@ -185,16 +191,18 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False) 
         transform=transform, abstract=data != "train" and not bare)
     predict = under_mesh(jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables)),
                          mesh)
+    clock.mark("init")
     return Session(exp=exp, spec=spec, ts=ts, batches=batches, train_enc=train_enc,
                    eval_enc=eval_enc, predict=predict,
                    shard=lambda b: shard_batch(model_batch(b), mesh), meta_base=meta_base(exp))
 
 
-def restore_trained(cfg, pretrained: Any = None, which: str = "latest", data: str = "eval"
-                    ) -> tuple[Session, Any]:
+def restore_trained(cfg, pretrained: Any = None, which: str = "latest", data: str = "eval",
+                    clock: Optional[PhaseClock] = None) -> tuple[Session, Any]:
     """A session and its trained trainable tree, from the run's checkpoints (no training
-    data is encoded). ``which``: ``"latest"`` or ``"best"`` (``train.best_metric``)."""
-    s = setup(cfg, pretrained, data=data)
+    data is encoded). ``which``: ``"latest"`` or ``"best"`` (``train.best_metric``);
+    ``clock``: :func:`setup`'s phases and ``restore``."""
+    s = setup(cfg, pretrained, data=data, clock=clock)
     folder = os.path.join(cfg.workdir, "best" if which == "best" else "checkpoints")
     ckpt = DeltaCheckpointer(folder)
     try:
@@ -204,10 +212,12 @@ def restore_trained(cfg, pretrained: Any = None, which: str = "latest", data: st
         state, _ = ckpt.restore(s.abstract_state(), s.meta_base)
     finally:
         ckpt.close()
+    if clock is not None:
+        clock.mark("restore")
     return s, state.trainable
 
 
-def zeroshot_experiment(cfg, split: Optional[str] = None) -> dict:
+def zeroshot_experiment(cfg, split: Optional[str] = None, clock: Optional[PhaseClock] = None) -> dict:
     """Metrics of the untrained base model (no delta, no training step) on ``split``
     (default ``task.eval_split``) under the config's format, template and label words. With
     the classification / regression formats the head is freshly initialized (chance level)."""
@@ -217,13 +227,14 @@ def zeroshot_experiment(cfg, split: Optional[str] = None) -> dict:
     if cfg.task.format in ("classification", "regression"):
         print(f"[peft_jax] zeroshot: task.format={cfg.task.format!r} has a freshly initialized "
               "head (chance level); 'verbalizer' / 'text_to_text' score label words", flush=True)
-    s = setup(cfg, data="eval", bare=True)
+    s = setup(cfg, data="eval", bare=True, clock=clock)
     return s.evaluate(s.state.trainable)
 
 
-def evaluate_experiment(cfg, split: Optional[str] = None, which: str = "latest") -> dict:
+def evaluate_experiment(cfg, split: Optional[str] = None, which: str = "latest",
+                        clock: Optional[PhaseClock] = None) -> dict:
     """Metrics of a trained run on ``split`` (default: ``config.task.eval_split``)."""
-    s, trainable = restore_trained(cfg, which=which)
+    s, trainable = restore_trained(cfg, which=which, clock=clock)
     enc = None
     if split and split != cfg.task.eval_split:
         enc = encode_split(s.exp, load_examples(s.exp, split))

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from peft_jax.phases import PhaseClock
 from peft_jax.train.checkpoint import DeltaCheckpointer
 from peft_jax.train.health import HealthLog, NonFiniteLoss, check_initial
 from peft_jax.train.interrupts import StopSignals
@@ -80,12 +81,15 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
              writer: Optional[MetricWriter] = None,
              examples_per_step: int = 0, best_metric: Optional[str] = None,
              best_checkpointer: Optional[DeltaCheckpointer] = None,
-             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
+             on_step: Optional[Callable[[int], None]] = None,
+             clock: Optional[PhaseClock] = None) -> LoopResult:
     """Run from ``state.step`` to ``cfg.total_steps``.
 
     ``shard``: host batch -> device arrays. ``meta_fn(step)``: checkpoint metadata (must
     include the data iterator position, read *after* the batches consumed so far). ``on_step(step)``
-    is a test hook called after each completed step (e.g. to kill the process).
+    is a test hook called after each completed step (e.g. to kill the process). ``clock``:
+    its ``first_step`` phase ends when the first step's metrics reach the host, and its
+    line is printed (process 0).
     Raises :class:`NonFiniteLoss` at the first refused update (see :mod:`.health`).
     """
     start = int(jax.device_get(state.step))
@@ -148,6 +152,12 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
                 if examples_per_step:
                     row["examples_per_s"] = row["steps_per_s"] * examples_per_step
                 window_t, window_n = time.perf_counter(), 0
+                if clock is not None and steps_run == 1:
+                    clock.mark("first_step")
+                    if bar:
+                        bar.write(clock.line())
+                    elif jax.process_index() == 0:
+                        print(clock.line(), flush=True)
                 history.append({"step": step, **row})
                 if writer:
                     writer.write(step, row, prefix="train/")

@@ -19,7 +19,6 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def gains_from_scores(transfer: Mapping[tuple[str, str], float], baseline: Mapping[str, float]
@@ -60,6 +59,7 @@ def _corr(fn, x: Sequence[float], y: Sequence[float]) -> float:
 def evaluate_target(ranking: Sequence[tuple[str, float]], gains: Mapping[str, float],
                     ks: Sequence[int] = (1, 3)) -> dict:
     """One target: ``ranking`` [(source, score)] best first, ``gains`` {source: gain}."""
+    from scipy import stats   # here: importing scipy.stats costs every command's start-up ~1 s
     ranked = [(s, float(sc)) for s, sc in ranking if s in gains]
     if not ranked:
         raise ValueError("no ranked source has a measured gain")
