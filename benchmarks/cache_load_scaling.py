@@ -50,7 +50,11 @@ def worker(layers: int, cache: str) -> None:
 
 
 def run(layers: int, cache: str) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # the worker sets the cache folder itself; a caller's JAX cache settings (e.g.
+    # JAX_ENABLE_COMPILATION_CACHE=false left by peft_jax.compile_cache) must not reach it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE",
+           "JAX_ENABLE_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env["JAX_PLATFORMS"] = "cpu"
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(layers),
                         "--cache", cache], capture_output=True, text=True, env=env)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
