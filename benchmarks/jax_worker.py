@@ -164,6 +164,7 @@ def run_steps(a) -> dict:
                                            dropout_impl=a.dropout_impl)
     batch = jax.device_put(host)
     frozen = jax.device_put(frozen)
+    state = jax.device_put(state)   # on device, as the runner's state (host numpy leaves would retrace)
     state, metrics, (first,) = common.timed_steps(step, state, frozen, batch, 1)
     after_first = compile_count(step)
     state, metrics, times = common.timed_steps(step, state, frozen, batch, a.warmup - 1 + a.steps)
