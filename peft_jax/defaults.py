@@ -52,8 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.test_split = ""             # evaluated once at the end when set
     c.task.max_length = 128
     c.task.max_train_examples = 0      # 0 = all
-    c.task.max_eval_examples = 0
-    c.task.max_test_examples = 0      # 0 = all (a seeded subset otherwise)
+    c.task.max_eval_examples = 0      # 0 = all (else a fixed subset: the same for every seed)
+    c.task.max_test_examples = 0      # 0 = all (else a fixed subset: the same for every seed)
     c.task.demonstrations = ""        # verbalizer format: "" | random | similarity (LM-BFF: one
                                        # labelled example per class concatenated to every input)
     c.task.demo_pool = ""             # split the demonstrations come from; "" = train_split

@@ -30,18 +30,22 @@ def _drain(it, k):
 def test_fixed_shapes_and_contents():
     enc = _encoded()
     it = make_batches(enc, 4, buckets=(16, 32, 64), seed=1, drop_remainder=True)
-    seen = []
+    seen, moved_up = [], {16: 0, 32: 0, 64: 0}
     for b in _drain(it, it.batches_per_epoch):
         L = b["input_ids"].shape[1]
         assert L in (16, 32, 64) and b["input_ids"].shape == (4, L) and b["label"].shape == (4,)
         lens = b["attention_mask"].sum(1)
-        assert (lens <= L).all() and (L == 16 or (lens > {32: 16, 64: 32}[L]).all())  # smallest bucket
+        assert (lens <= L).all()
+        if L > 16:  # rows that fit a smaller bucket: only a smaller bucket's partial batch
+            moved_up[L] += int((lens <= {32: 16, 64: 32}[L]).sum())
         for row, i in enumerate(b["idx"]):
             n = len(enc.features["input_ids"][i])
             assert (b["input_ids"][row, :n] == enc.features["input_ids"][i]).all()
             assert (b["input_ids"][row, n:] == 0).all() and b["label"][row] == i % 3
         seen += b["idx"].tolist()
     assert len(seen) == len(set(seen))  # no repeats within an epoch
+    assert all(v < 4 for v in moved_up.values()), moved_up
+    assert len(seen) == len(enc) // 4 * 4   # only the last partial batch (3 of 103) is dropped
     with pytest.raises(DataError, match="more than the largest bucket 32"):
         make_batches(enc, 4, buckets=(16, 32))
 
@@ -117,19 +121,31 @@ def test_too_few_examples_for_a_batch():
         make_batches(_encoded(n=5), 8)
 
 
-def test_a_bucket_smaller_than_a_batch_is_named_as_never_trained():
-    # 5 long examples, the rest short: with batch 8 the long bucket never makes a batch
+def test_a_partial_bucket_moves_up_so_every_example_is_trained_on():
+    # 35 short examples and 5 long ones, batch 8: the short bucket's 3 left over join the 5
+    # long ones in the 64 bucket, so one epoch covers all 40 (it used to drop the 5 long ones)
     short = [np.arange(1, 11, dtype=np.int32) + 1000 * i for i in range(35)]
     long_ = [np.arange(1, 51, dtype=np.int32) + 1000 * (35 + i) for i in range(5)]
     ids = short + long_
     enc = Encoded(features={"input_ids": ids, "attention_mask": [np.ones(len(x), np.int32) for x in ids]},
                   scalars={"label": np.zeros(40, np.int32), "idx": np.arange(40)},
                   pad={"input_ids": 0, "attention_mask": 0})
-    with pytest.warns(UserWarning, match=r"5 of 40 training examples are never trained on \(5 in bucket 64"):
-        it = make_batches(enc, 8, buckets=(32, 64), seed=0)
-    seen = {int(i) for b in _drain(it, 10 * it.batches_per_epoch) for i in b["idx"]}
-    assert seen.isdisjoint(range(35, 40))  # what the warning says is what happens
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_batches(enc, 8, buckets=None, seed=0)          # one bucket: nothing is left out for good
-        make_batches(enc, 5, buckets=(32, 64), seed=0)      # 5 long ones make a batch of 5
+        it = make_batches(enc, 8, buckets=(32, 64), seed=0)
+    assert it.batches_per_epoch == 5
+    for epoch in range(3):
+        batches = _drain(it, 5)
+        assert sorted(int(i) for b in batches for i in b["idx"]) == list(range(40)), epoch
+        for b in batches:   # a batch is padded to its bucket: carried short rows fit in 64
+            assert b["input_ids"].shape[1] in (32, 64)
+            assert (b["attention_mask"].sum(1) <= b["input_ids"].shape[1]).all()
+    # 42 examples: 2 are left out each epoch, a different random pair each time when shuffled
+    enc42 = _encoded(n=42)
+    it = make_batches(enc42, 8, seed=0)
+    left_out = [set(range(42)) - {int(i) for b in _drain(it, it.batches_per_epoch) for i in b["idx"]}
+                for _ in range(4)]
+    assert all(len(s) == 2 for s in left_out) and len({frozenset(s) for s in left_out}) > 1
+    # unshuffled, the same ones are left out every epoch: the warning names them
+    with pytest.warns(UserWarning, match=r"2 of 42 training examples are never trained on \(examples \d+, \d+"):
+        make_batches(enc42, 8, seed=0, shuffle=False)

@@ -51,17 +51,29 @@ def assign_buckets(lengths: np.ndarray, buckets: Optional[Sequence[int]]) -> tup
 
 def epoch_plan(bucket_of: np.ndarray, n_buckets: int, global_batch: int, seed: int, epoch: int,
                shuffle: bool, drop_remainder: bool) -> list[tuple[int, np.ndarray]]:
-    """Global batches of one epoch: ``[(bucket, example indices [global_batch], -1 = padding)]``."""
+    """Global batches of one epoch: ``[(bucket, example indices [global_batch], -1 = padding)]``.
+
+    ``drop_remainder``: a bucket's partial batch moves up into the next longer bucket (its
+    examples are padded further), so only the longest bucket's final partial batch is dropped:
+    fewer than ``global_batch`` examples an epoch, a different random set each epoch when
+    shuffled. Otherwise every bucket's partial batch is padded with -1 rows (evaluation)."""
     n = len(bucket_of)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    batches = []
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    batches, carry = [], order[:0]
     for b in range(n_buckets):
         members = order[bucket_of[order] == b]
+        if drop_remainder and len(carry):
+            members = np.concatenate([carry, members])
+            members = members[np.argsort(position[members], kind="stable")]
         full = len(members) // global_batch
         for j in range(full):
             batches.append((b, members[j * global_batch:(j + 1) * global_batch]))
         rest = members[full * global_batch:]
-        if len(rest) and not drop_remainder:
+        if drop_remainder:
+            carry = rest
+        elif len(rest):
             batches.append((b, np.concatenate([rest, np.full(global_batch - len(rest), -1, rest.dtype)])))
     if shuffle:
         perm = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
@@ -69,20 +81,21 @@ def epoch_plan(bucket_of: np.ndarray, n_buckets: int, global_batch: int, seed: i
     return batches
 
 
-def warn_unseen(bucket_of: np.ndarray, buckets: Sequence[int], global_batch: int) -> int:
-    """Warn when some examples can never be trained on: a length bucket with fewer members
-    than one global batch makes no full batch in any epoch (``drop_remainder``). Returns
-    how many examples that is."""
-    counts = np.bincount(bucket_of, minlength=len(buckets))
-    small = [(buckets[b], int(c)) for b, c in enumerate(counts) if 0 < c < global_batch]
-    unseen = sum(c for _, c in small)
-    if unseen:
-        where = ", ".join(f"{c} in bucket {L}" for L, c in small)
-        warnings.warn(f"{unseen} of {len(bucket_of)} training examples are never trained on "
-                      f"({where}; a batch holds {global_batch} rows and a bucket's partial "
-                      "batch is dropped): set config.train.buckets to fewer/longer buckets "
-                      "(e.g. a single bucket) or lower config.train.batch_size", stacklevel=3)
-    return unseen
+def warn_unseen(plan: list[tuple[int, np.ndarray]], n: int, shuffle: bool) -> int:
+    """Warn when some examples can never be trained on: unshuffled, the examples left out of
+    an epoch's plan (the longest bucket's final partial batch) are the same every epoch.
+    Shuffled, a different random few are left out each epoch. Returns how many examples are
+    never trained on."""
+    if shuffle:
+        return 0
+    used = np.concatenate([rows for _, rows in plan]) if plan else np.zeros(0, np.int64)
+    unseen = np.setdiff1d(np.arange(n), used[used >= 0])
+    if unseen.size:
+        shown = ", ".join(str(int(i)) for i in unseen[:8]) + (", ..." if unseen.size > 8 else "")
+        warnings.warn(f"{unseen.size} of {n} training examples are never trained on (examples "
+                      f"{shown}: unshuffled, the last partial batch is dropped every epoch): "
+                      "shuffle, or use a batch size that divides the number of examples", stacklevel=3)
+    return int(unseen.size)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -118,14 +131,14 @@ class BatchIterator:
                             f"{self.global_batch} rows ({batch_size} x {shard_count} hosts): lower "
                             "config.train.batch_size or add examples")
         if drop_remainder:
-            warn_unseen(self.bucket_of, self.buckets, self.global_batch)
+            warn_unseen(self._plan(0), len(encoded), shuffle)
         self.constants = encoded.constants
         h = hashlib.sha1()
         h.update(np.asarray(encoded.lengths()).tobytes())
         # not the shard index: the state (the next global batch) is the same on every host, and
         # the checkpoint holds process 0's
         h.update(repr((batch_size, shard_count, seed, shuffle, drop_remainder, self.buckets,
-                       self.target_len)).encode())
+                       self.target_len, "carry-up")).encode())   # plans since partial batches move up
         self.fingerprint = h.hexdigest()[:16]
         ds = grain.MapDataset.range(self.batches_per_epoch).repeat(num_epochs)
         self._ds = ds.map_with_index(lambda k, _: self._batch(k)).to_iter_dataset()

@@ -252,7 +252,7 @@ def with_test_calibration(cfg, res: RunResult) -> RunResult:
     """``res`` (a finished :func:`train`) with :func:`test_calibration` of its selected step
     merged into ``res.row["test"]`` (the test subset ``run_experiment`` used)."""
     s = res.session
-    test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, cfg.seed)
+    test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples)
     cal = test_calibration(s, res.selected, test)
     res.row["reliability"] = cal.pop("reliability", None)
     res.row["test"] = {**res.row.get("test", {}), **cal}

@@ -77,7 +77,12 @@ def demonstrations_for(exp: Experiment, queries: list, pool: list) -> list:
                                  text_fields=exp.task.text_fields)
 
 
-def load_examples(exp: Experiment, split: str, limit: int = 0, seed: int = 0) -> list:
+SUBSET_SEED = 0
+"""Seed of the ``max_eval_examples`` / ``max_test_examples`` subsets: the same examples for
+every run seed, so seeds differ in training only and their scores compare on one subset."""
+
+
+def load_examples(exp: Experiment, split: str, limit: int = 0, seed: int = SUBSET_SEED) -> list:
     """The examples of ``split``; a seeded subset of ``limit`` (in order) when it has more."""
     examples = exp.task.load(split)
     if limit and len(examples) > limit:

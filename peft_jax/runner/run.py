@@ -201,10 +201,9 @@ def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:
 
 
 def encoded_test_split(cfg, s: Session) -> Any:
-    """The run's encoded test split (``task.test_split``, a seeded subset of
-    ``task.max_test_examples``)."""
-    return encode_split(s.exp, load_examples(s.exp, cfg.task.test_split,
-                                             cfg.task.max_test_examples, cfg.seed))
+    """The run's encoded test split (``task.test_split``; ``task.max_test_examples`` of it,
+    the same subset for every seed)."""
+    return encode_split(s.exp, load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples))
 
 
 def save_outputs(cfg, exp: Any, row: dict, selected: Any, frozen: Any) -> None:

@@ -179,7 +179,7 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False,
                                buckets=tuple(c.buckets), seed=cfg.seed,
                                shard_index=jax.process_index(), shard_count=jax.process_count())
     if data in ("train", "eval"):
-        eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples, cfg.seed)
+        eval_ex = load_examples(exp, cfg.task.eval_split, cfg.task.max_eval_examples)
         eval_enc = encode_split(exp, eval_ex,
                                 demonstration_pool(exp) if cfg.task.demonstrations else None)
     clock.mark("data")
