@@ -1,5 +1,6 @@
-"""Frozen-base storage vs quality: SmolLM2-135M stored fp32 / bf16 / int8 (weight-only,
-per output channel), same fp32 compute, next-token logits on real SST-2 sentences.
+"""Frozen-base storage vs quality: SmolLM2-135M stored fp32 / bf16 / int8 (weight-only, scales
+per group of 64 input rows, the default, and per output channel), same fp32 compute,
+next-token logits on real SST-2 sentences.
 
 Prints base bytes per storage, and per storage against fp32 and against bf16: the max and
 mean absolute logit difference (and relative to the logits' std), top-1 agreement of the
@@ -21,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 STORAGES = {"fp32": dict(param_dtype="float32"), "bf16": dict(param_dtype="bfloat16"),
-            "int8": dict(param_dtype="bfloat16", quantize="int8")}
+            "int8": dict(param_dtype="bfloat16", quantize="int8"),                 # groups of 64
+            "int8-chan": dict(param_dtype="bfloat16", quantize="int8", quantize_group=0)}
 
 
 def sentences(n: int) -> list[str]:

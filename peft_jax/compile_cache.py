@@ -20,8 +20,11 @@ executable. Entries are kept for programs that took at least :data:`MIN_COMPILE_
 compile; the folder is capped at :data:`MAX_BYTES` (least recently used entries go). It
 holds executables: like the virtualenv, it must be writable by you only. JAX's own
 ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` / ``JAX_COMPILATION_CACHE_MAX_SIZE``
-environment variables, when set, win; the folder is set by the options above (they set
-``JAX_COMPILATION_CACHE_DIR`` for this process and its children).
+environment variables, when set, win; the folder is set by the options above.
+
+:func:`enable` changes this process's ``jax.config`` only, never ``os.environ``: the
+processes a command starts (sweep cells, launchers) get the setting through the environment
+:func:`child_environ` builds for them.
 """
 
 from __future__ import annotations
@@ -75,32 +78,36 @@ def resolve(setting: Optional[str] = None, environ: Mapping[str, str] = os.envir
 
 
 def enable(setting: Optional[str] = None) -> Optional[str]:
-    """Turn the cache on (or off) for this process and the processes it starts (sweep
-    cells inherit it through the environment); returns the folder (None: off). Works
-    before jax is imported (environment variables) and after (``jax.config``)."""
+    """Turn the cache on (or off) in this process's ``jax.config``; returns the folder (None:
+    off). The environment is left as it is (children: :func:`child_environ`)."""
+    import jax
+
     folder = resolve(setting)
-    if setting is not None:
-        os.environ[ENV] = setting or "off"       # children resolve the same folder
-    jax = sys.modules.get("jax")
     if folder is None:
-        os.environ[ENV] = "off"
-        if jax is not None:
-            jax.config.update("jax_enable_compilation_cache", False)
-        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     os.makedirs(folder, exist_ok=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_S))
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_BYTES))
-    os.environ.pop("JAX_ENABLE_COMPILATION_CACHE", None)
-    if jax is not None:   # already imported: its config read the environment before
-        jax.config.update("jax_enable_compilation_cache", True)
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-        jax.config.update("jax_compilation_cache_max_size",
-                          int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
+        os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_COMPILE_S)))
+    jax.config.update("jax_compilation_cache_max_size", int(
+        os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", MAX_BYTES)))
     return folder
+
+
+def child_environ(environ: Mapping[str, str] = os.environ) -> dict:
+    """A copy of ``environ`` for a ``peft-jax`` process started from this one: its
+    :data:`ENV` names this process's cache root (or ``off``), so it caches where we do."""
+    env = dict(environ)
+    if sys.modules.get("jax") is None:      # no jax here: nothing was configured
+        return env
+    folder = current_dir()
+    if folder is None:
+        env[ENV] = "off"
+    else:
+        env[ENV] = os.path.dirname(folder) if os.path.basename(folder) == cpu_tag() else folder
+    return env
 
 
 def current_dir() -> Optional[str]:

@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_impl = "hash"      # dropout masks: hash (one fused kernel) | jax (threefry bits)
     c.model.remat = "none"             # recompute layers in the backward: none | full | dots
     c.model.param_dtype = "auto"       # frozen-base storage: auto (the checkpoint's) | float32 | bfloat16
-    c.model.quantize = "none"          # frozen base: none | int8 (weight-only, per output channel)
+    c.model.quantize = "none"          # frozen base: none | int8 (weight-only, absmax per group)
+    c.model.quantize_group = 64        # int8: input rows per scale (0 = one per output channel)
     c.model.scan_layers = False        # one nn.scan over the blocks (compile time flat in depth)
 
     c.task = ml_collections.ConfigDict()
@@ -265,6 +266,9 @@ def validate(cfg, n_devices: int = 0) -> None:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be positive")
     if cfg.train.grad_accum <= 0:
         raise ConfigError(f"config.train.grad_accum={cfg.train.grad_accum} must be positive")
+    if not isinstance(cfg.model.quantize_group, int) or cfg.model.quantize_group < 0:
+        raise ConfigError(f"config.model.quantize_group={cfg.model.quantize_group!r} must be an "
+                          "integer >= 0 (input rows per int8 scale; 0 = one per output channel)")
     if cfg.model.quantize != "none" and any(method_class(n).exclusive for n in names):
         raise ConfigError(f"config.model.quantize={cfg.model.quantize!r}: an int8 base is frozen; "
                           "full fine-tuning needs float weights (config.model.quantize='none')")

@@ -30,6 +30,7 @@ import sys
 from importlib import metadata
 from typing import Optional, Sequence, TextIO
 
+from peft_jax import compile_cache
 from peft_jax.errors import print_error
 
 OFFLINE_ENV = (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"))
@@ -217,7 +218,7 @@ def slurm_dry_run_text(script: str, path: str) -> str:
 def _execute(cmds: Sequence[Sequence[str]], out: TextIO) -> int:
     for cmd in cmds:
         print(f"+ {shlex.join(cmd)}", file=out, flush=True)
-        rc = subprocess.call(list(cmd))
+        rc = subprocess.call(list(cmd), env=compile_cache.child_environ())
         if rc != 0:
             print(f"launch: command failed with exit code {rc}", file=sys.stderr)
             return rc

@@ -58,6 +58,7 @@ import ml_collections
 
 from peft_jax.config import (ConfigError, apply_overrides, load_config_file, parse_value,
                              split_config_args)
+from peft_jax import compile_cache
 from peft_jax.errors import print_error
 
 RESULT_FILE = "result.json"
@@ -470,7 +471,7 @@ def _execute(run: Run, cmd: list[str], env: Optional[Mapping[str, str]],
     with open(os.path.join(run.workdir, "sweep_run.json"), "w") as f:
         json.dump({"name": run.name, "overrides": dict(run.overrides), "command": cmd}, f, indent=2,
                   default=repr)
-    child_env = dict(env if env is not None else os.environ)
+    child_env = dict(env if env is not None else compile_cache.child_environ())
     slot = slots.get() if slots is not None else None
     try:
         if slot is not None and devices_per_run:

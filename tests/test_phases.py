@@ -121,3 +121,22 @@ def test_first_step_benchmark_warm_run_loads_compiled_programs_and_trains_the_sa
     assert sorted(deltas[0]) == sorted(deltas[1])
     for key in deltas[0]:
         np.testing.assert_array_equal(np.asarray(deltas[0][key]), np.asarray(deltas[1][key]))
+
+
+def test_enable_changes_jax_config_only_and_children_get_the_setting(tmp_path):
+    """The cache setting never leaks through os.environ (tests and other in-process callers
+    keep theirs); processes we start get it from child_environ."""
+    import jax
+
+    before = dict(os.environ)
+    try:
+        assert compile_cache.enable("off") is None
+        assert not jax.config.jax_enable_compilation_cache and dict(os.environ) == before
+        assert compile_cache.child_environ({"A": "1"}) == {"A": "1", compile_cache.ENV: "off"}
+        folder = compile_cache.enable(str(tmp_path / "c"))
+        assert folder == os.path.join(str(tmp_path / "c"), compile_cache.cpu_tag())
+        assert compile_cache.current_dir() == folder and dict(os.environ) == before
+        env = compile_cache.child_environ()
+        assert compile_cache.resolve(None, env) == folder      # the child resolves our folder
+    finally:
+        compile_cache.enable(before.get(compile_cache.ENV))

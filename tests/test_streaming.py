@@ -91,6 +91,11 @@ def test_bf16_storage_and_int8_kernels(tmp_path):
     scanned = dataclasses.replace(config, scan_layers=True)
     qs = streaming.load_sharded(fam, scanned, src, mesh, quant="int8", param_dtype=np.float32)
     _check(qs, stack.stack_layers(quantize.quantize(want)), mesh, fam, scanned, quant="int8")
+    # groups of 8 input rows (the tiny kernels are narrower than the default 64: one group)
+    qg = streaming.load_sharded(fam, config, src, mesh, quant="int8", quant_group=8)
+    _check(qg, quantize.cast(quantize.quantize(want, 8), BF16), mesh, fam, config, quant="int8")
+    scales = [a for p, a in jax.tree_util.tree_flatten_with_path(qg)[0] if "kernel_scale" in str(p)]
+    assert scales and all(s.shape[-2] > 1 for s in scales)
 
 
 def test_gguf_source_streams(tmp_path):

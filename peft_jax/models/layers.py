@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peft_jax.models.quantize import dequantize_kernel
 from peft_jax.models.slots import NO_SLOTS, Slots
 from peft_jax.parallel.mesh import constrain
 
@@ -184,14 +185,17 @@ class Dense(nn.Module):
                             (x.shape[-1], self.features), self.param_dtype)
         bias = (self.param("bias", _init(nn.initializers.zeros, self.axes[1:]),
                            (self.features,), self.param_dtype) if self.use_bias else None)
-        # an int8 base (models/quantize.py): kernel int8 [in, out] * kernel_scale [out]
+        # an int8 base (models/quantize.py): kernel int8 [in, out], kernel_scale [G, out]
         scale = (self.get_variable("params", "kernel_scale")
                  if self.has_variable("params", "kernel_scale") else None)
+        grouped = scale is not None and scale.shape[-2] > 1
 
         def base_fn(inp: Array) -> Array:
-            y = jnp.dot(inp.astype(self.dtype), jnp.asarray(kernel, self.dtype))
-            if scale is not None:
-                y = y * jnp.asarray(scale, self.dtype)
+            w = (dequantize_kernel(kernel, scale, self.dtype, jnp) if grouped
+                 else jnp.asarray(kernel, self.dtype))
+            y = jnp.dot(inp.astype(self.dtype), w)
+            if scale is not None and not grouped:     # one group: scale the output
+                y = y * jnp.asarray(scale[0], self.dtype)
             if bias is not None:
                 y = y + jnp.asarray(bias, self.dtype)
             return y

@@ -113,7 +113,8 @@ def model_kind(name: str) -> str:
 
 def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: bool = True, *,
                     mesh: Optional[Mesh] = None, rules: Sequence = DEFAULT_RULES,
-                    param_dtype: Any = None, quantize: str = "none", scan_layers: bool = False,
+                    param_dtype: Any = None, quantize: str = "none",
+                    quantize_group: int = quantize_lib.DEFAULT_GROUP, scan_layers: bool = False,
                     **family_kwargs) -> Pretrained:
     """Load base weights, config and tokenizer (no torch, no pickle); see the module
     docstring for the storage options and ``mesh``."""
@@ -129,11 +130,12 @@ def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: boo
         config = dataclasses.replace(config, scan_layers=True)
     if mesh is not None:
         base = streaming.load_sharded(family, config, source, mesh, rules=rules,
-                                      param_dtype=param_dtype, quant=quantize)
+                                      param_dtype=param_dtype, quant=quantize,
+                                      quant_group=quantize_group)
     else:
         base = stored(family.params_from_hf(source, config),
                       param_dtype or streaming.checkpoint_dtype(family, config, source),
-                      quantize, scan_layers)
+                      quantize, scan_layers, quantize_group)
     tokenizer = None
     if with_tokenizer:
         if gguf_file:
@@ -149,19 +151,20 @@ def load_pretrained(name: str, allow_download: bool = False, with_tokenizer: boo
 
 
 def stored(base: Any, param_dtype: Any = None, quantize: str = "none",
-           scan_layers: bool = False) -> dict:
+           scan_layers: bool = False, quantize_group: int = quantize_lib.DEFAULT_GROUP) -> dict:
     """A per-layer float base (host numpy) in its storage form: cast to ``param_dtype``
     (None: as is), int8 dense kernels (``quantize='int8'``), stacked layers (``scan_layers``)."""
     base = base if param_dtype is None else quantize_lib.cast(base, param_dtype)
     if quantize == "int8":
-        base = quantize_lib.quantize(base)
+        base = quantize_lib.quantize(base, quantize_group)
     elif quantize != "none":
         raise ValueError(f"quantize={quantize!r}; supported: {list(quantize_lib.QUANTIZE)}")
     return stack_layers(base) if scan_layers else base
 
 
 def with_storage(pre: Pretrained, param_dtype: Any = None, quantize: str = "none",
-                 scan_layers: bool = False) -> Pretrained:
+                 scan_layers: bool = False,
+                 quantize_group: int = quantize_lib.DEFAULT_GROUP) -> Pretrained:
     """``pre`` as loaded without storage options (per-layer, float, on the host) converted
     by :func:`stored`; its fingerprint is taken first, so it names the same base either way."""
     scanned = bool(getattr(pre.config, "scan_layers", False))
@@ -171,7 +174,7 @@ def with_storage(pre: Pretrained, param_dtype: Any = None, quantize: str = "none
         raise ValueError(f"{pre.name}: the base is already stored scanned / int8; load it with "
                          "the wanted options instead")
     return dataclasses.replace(
-        pre, base=stored(pre.base, param_dtype, quantize, scan_layers),
+        pre, base=stored(pre.base, param_dtype, quantize, scan_layers, quantize_group),
         fingerprint=pre.fingerprint or base_fingerprint(pre.base),
         config=dataclasses.replace(pre.config, scan_layers=True) if scan_layers else pre.config)
 

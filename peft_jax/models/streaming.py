@@ -44,12 +44,13 @@ from peft_jax.parallel.mesh import DEFAULT_RULES, spec_for
 _LAYER = re.compile(r"layer_(\d+)")
 
 
-def abstract_base(family: Family, config: Any, quant: str = "none") -> dict:
+def abstract_base(family: Family, config: Any, quant: str = "none",
+                  quant_group: int = quantize.DEFAULT_GROUP) -> dict:
     """The base as ``jax.eval_shape`` sees it, logically boxed (no array is allocated)."""
     dummy = {"input_ids": jnp.zeros((1, 1), jnp.int32), "attention_mask": jnp.ones((1, 1), jnp.int32)}
     boxed = jax.eval_shape(lambda: family.build(config).init(
         jax.random.PRNGKey(0), **family.init_inputs(dummy))["params"])
-    return quantize.abstract_quantized(boxed) if quant == "int8" else boxed
+    return quantize.abstract_quantized(boxed, quant_group) if quant == "int8" else boxed
 
 
 def checkpoint_dtype(family: Family, config: Any, source: TensorSource) -> np.dtype:
@@ -156,11 +157,12 @@ def source_fingerprint(family: Family, config: Any, source: TensorSource,
 
 def load_sharded(family: Family, config: Any, source: TensorSource, mesh: Mesh, *,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, param_dtype: Any = None,
-                 quant: str = "none") -> dict:
+                 quant: str = "none", quant_group: int = quantize.DEFAULT_GROUP) -> dict:
     """The base of ``config`` (``scan_layers``: stacked) as global arrays sharded on ``mesh``.
 
     ``param_dtype``: storage dtype (None: the checkpoint's, bf16 or fp32); ``quant='int8'``:
-    dense kernels int8 + per-output-channel scales (see ``models/quantize.py``).
+    dense kernels int8 + scales per ``quant_group`` input rows and output channel (see
+    ``models/quantize.py``; a kernel's rows are read whole along its input axis to quantize it).
     """
     if quant not in quantize.QUANTIZE:
         raise ValueError(f"quantize={quant!r}; supported: {list(quantize.QUANTIZE)}")
@@ -171,7 +173,7 @@ def load_sharded(family: Family, config: Any, source: TensorSource, mesh: Mesh, 
     dtype = np.dtype(param_dtype) if param_dtype is not None else checkpoint_dtype(
         family, config, source)
 
-    boxed = traverse_util.flatten_dict(abstract_base(family, config, quant))
+    boxed = traverse_util.flatten_dict(abstract_base(family, config, quant, quant_group))
     leaves = {p: nn.meta.unbox(b) for p, b in boxed.items()}
     axes = {p: tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * b.ndim
             for p, b in boxed.items()}
@@ -197,12 +199,14 @@ def load_sharded(family: Family, config: Any, source: TensorSource, mesh: Mesh, 
             rows = leaf.rows(layer, axis)
             if rows is None:
                 continue
+            if q and axis == len(leaf.shape) - stacked - 2:   # HF rows = our input axis: its
+                rows = slice(0, leaf.shape[-2])               # groups need all of it
             arr = source.read(names[tuple(entry_path)], rows)   # HF rows lo..hi
             arr = arr.T if kind == "linear" else arr                 # a view: our layout
             if q:
-                w, s = quantize.quantize_kernel(arr)
+                w, s = quantize.quantize_kernel(arr, quant_group)
                 leaf.fill(layer, w, axis, rows.start)
-                scale.fill(layer, s, 0, rows.start)
+                scale.fill(layer, s, axis, rows.start)   # scale [G, out]: the same out axis
             else:
                 leaf.fill(layer, arr.astype(leaf.dtype, copy=False), axis, rows.start)
             del arr

@@ -168,7 +168,8 @@ def storage_options(cfg) -> dict:
     """``config.model`` storage keys as ``load_pretrained`` / ``with_storage`` arguments."""
     m = cfg.model
     return dict(param_dtype=None if m.param_dtype == "auto" else m.param_dtype,
-                quantize=m.quantize, scan_layers=bool(m.scan_layers))
+                quantize=m.quantize, quantize_group=int(m.quantize_group),
+                scan_layers=bool(m.scan_layers))
 
 
 def build_experiment(cfg, pretrained: Any = None, bare: bool = False, mesh: Any = None) -> Experiment:
