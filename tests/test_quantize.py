@@ -68,3 +68,11 @@ def test_int8_forward_equals_the_dequantized_float_forward(group, scan):
     got, want = run(q), run(deq)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     assert np.abs(run(base) - want).max() > 1e-4       # int8 is not the float base itself
+
+
+def test_weight_count_ignores_scales():
+    _, _, _, base = _tiny()
+    n = sum(a.size for a in jax.tree.leaves(base))
+    q = quantize.quantize(base, 8)
+    assert sum(a.size for a in jax.tree.leaves(q)) > n
+    assert quantize.weight_count(q) == quantize.weight_count(base) == n

@@ -113,6 +113,13 @@ def dequantize(base: Mapping, dtype: Any = np.float32) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+def weight_count(base: Mapping) -> int:
+    """Number of model weights in ``base`` (int8 scales are storage, not weights: the count
+    is the same for fp32, bf16 and int8 storage)."""
+    return sum(int(np.prod(np.shape(a))) for p, a in
+               traverse_util.flatten_dict(nn.meta.unbox(base)).items() if p[-1] != SCALE)
+
+
 def is_quantized(base: Mapping) -> bool:
     return any(p[-1] == SCALE for p in traverse_util.flatten_dict(nn.meta.unbox(base)))
 

@@ -31,6 +31,7 @@ from peft_jax.models.stack import unstack_layers
 from peft_jax.parallel import distributed
 from peft_jax.parallel.prefetch import DevicePrefetcher
 from peft_jax.phases import PhaseClock
+from peft_jax.models.quantize import weight_count
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import save_delta
 from peft_jax.peft.partition import tree_size
@@ -125,7 +126,7 @@ def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: 
     # small, else now
     baseline, untrained = (stored.get("baseline") or {}) if c.baseline else {}, None
     if c.baseline and not baseline:
-        if tree_size(s.state.trainable) <= BASELINE_COPY_FRACTION * tree_size(exp.pre.base):
+        if tree_size(s.state.trainable) <= BASELINE_COPY_FRACTION * weight_count(exp.pre.base):
             untrained = jax.tree.map(jnp.copy, s.state.trainable)
         else:
             baseline = s.evaluate(s.state.trainable)
@@ -133,7 +134,7 @@ def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: 
     n_params = tree_size(state.trainable)
     if main:
         print(f"[peft_jax] {exp.base_id}: {exp.kind}, methods={[m.name for m in exp.methods]}, "
-              f"trainable={n_params:,} / base={tree_size(exp.pre.base):,} params; "
+              f"trainable={n_params:,} / base={weight_count(exp.pre.base):,} params; "
               f"mesh={dict(s.mesh.shape)}; train={s.n_train} eval={s.n_eval} examples"
               + (f"; resumed from step {resumed_from}" if resumed_from is not None else ""),
               flush=True)
@@ -166,7 +167,7 @@ def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: 
     row = {
         "name": cfg.name, "status": loop.status, "config": flat_config(cfg),
         "metrics": metrics, "baseline": baseline,
-        "trainable_params": int(n_params), "base_params": int(tree_size(exp.pre.base)),
+        "trainable_params": int(n_params), "base_params": int(weight_count(exp.pre.base)),
         "steps": int(jax.device_get(loop.state.step)), "wall_s": time.perf_counter() - t_start,
         "train_wall_s": loop.wall_s, "compilations": loop.compilations,
         "resumed_from": resumed_from, "phases": clock.summary(),

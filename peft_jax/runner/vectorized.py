@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peft_jax.config import ConfigError
 from peft_jax.data import make_batches
+from peft_jax.models.quantize import weight_count
 from peft_jax.parallel.mesh import batch_sharding
 from peft_jax.peft.method import REGISTRY
 from peft_jax.phases import PhaseClock
@@ -352,7 +353,7 @@ def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> 
             "name": cfg.name, "status": "finished", "config": flat_config(cfg),
             "metrics": last_eval[k], "baseline": baselines[k],
             "trainable_params": int(tree_size(s.state.trainable)),
-            "base_params": int(tree_size(s.exp.pre.base)), "steps": int(c.steps),
+            "base_params": int(weight_count(s.exp.pre.base)), "steps": int(c.steps),
             "wall_s": wall / n, "train_wall_s": train_wall / n,
             "compilations": compile_count(vstep), "resumed_from": None,
             "phases": clock.summary(),
