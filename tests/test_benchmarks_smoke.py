@@ -71,3 +71,22 @@ def test_cache_load_scaling_prints_a_row_per_depth():
     rows = [ln.split() for ln in lines[head + 2:]]
     assert [r[0] for r in rows] == ["2", "4"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_main_job_storage_reads_finished_cells_and_compares_per_seed(tmp_path):
+    """Finished cells are read, not retrained; the difference to fp32 is taken per seed.
+    (The rows here are written by the test: this checks the table, not the model.)"""
+    import json
+
+    acc = {("fp32", 1): 0.80, ("fp32", 2): 0.70, ("int8", 1): 0.79, ("int8", 2): 0.72}
+    for (st, seed), a in acc.items():
+        cell = tmp_path / f"{st}_s{seed}"
+        cell.mkdir()
+        (cell / "result.json").write_text(json.dumps({"status": "finished", "metrics": {"accuracy": a}}))
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "main_job_storage.py"), "--seeds", "1,2",
+                        "--storages", "fp32,int8", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith("int8 |"))
+    assert row.startswith("int8 | 79.0 | 72.0 | 75.5 (4.9) | +0.5 (per seed -1.0, +2.0)"), row
+    assert "+ " not in p.stdout                           # nothing was trained
