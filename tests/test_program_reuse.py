@@ -117,3 +117,28 @@ def test_program_key_holds_what_changes_a_program(tiny, tmp_path):
                      {"train.steps": 6}, {"optim.schedule": "linear"}, {"train.grad_accum": 2},
                      {"peft.lora.init_a": "gaussian"}):
         assert key(0, **override) != k0, override
+
+
+@pytest.mark.slow
+def test_fewshot_seeds_share_programs_and_give_their_own_rows(shared_data, tiny, tmp_path,
+                                                              monkeypatch):
+    """``peft-jax fewshot``'s seeds (one by one) compile once; a seed's row equals its row
+    from a run of that seed alone."""
+    from peft_jax.fewshot import cli
+    from peft_jax.fewshot.methods import Budget, run_one
+
+    caches = []
+
+    class Recording(ProgramCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+    monkeypatch.setattr(cli, "ProgramCache", Recording)
+    model, b = tiny[0], Budget(steps=4, eval_every=2, test_examples=40)
+    rows = cli.run_methods(["head"], ["lmbff/sst2"], [13, 21], model, b, str(tmp_path / "shared"))
+    assert (caches[-1].built, caches[-1].reused) == (3, 3)
+    alone = run_one("head", "lmbff/sst2", 21, model, b, str(tmp_path / "alone"))
+    for key in ("dev", "metrics", "selected_step", "reliability"):
+        assert rows[1][key] == alone[key], key
+    assert rows[0]["dev"] != rows[1]["dev"] or rows[0]["metrics"] != rows[1]["metrics"]
