@@ -5,7 +5,8 @@ Exactly ``peft-jax fewshot --method <method>``'s path: the persistent compilatio
 (the CLI's default; here the folder ``--compile-cache`` names, so a cold cache is a fresh
 folder), the base loaded once, then per seed :func:`peft_jax.fewshot.methods.train` on
 :func:`~peft_jax.fewshot.methods.method_config` (runner: encode, train with dev selection
-and checkpoints, test of the selected step, calibration, delta + ``result.json``).
+and checkpoints, test of the selected step, calibration, delta + ``result.json``), the seeds
+sharing their compiled programs (one :class:`~peft_jax.programs.ProgramCache`).
 
 Afterwards (outside the timed part) it reads the content ids (``common.example_id``) of
 what each seed's run used: the training batches of the run's own iterator (batch ``k`` of
@@ -88,17 +89,18 @@ def run(a) -> dict:
     from peft_jax import compile_cache
     from peft_jax.fewshot.methods import Budget, method_config, train
     from peft_jax.models.registry import load_pretrained
+    from peft_jax.programs import ProgramCache
     marks["imports"] = time.time()
     compile_s = watch_compilation()
     compile_cache.enable(a.compile_cache or "off")
     budget = Budget(**json.loads(a.budget))
     pre = load_pretrained(a.model)
     marks["load"] = time.time()
-    runs, seeds = [], []
+    runs, seeds, programs = [], [], ProgramCache()   # as run_methods: seeds share programs
     for seed in [int(s) for s in a.seeds.split(",")]:
         cfg = method_config(a.method, a.task, seed, a.model, budget, a.workdir)
         before = dict(compile_s)
-        res = train(cfg, pre)
+        res = train(cfg, pre, programs=programs)
         runs.append((cfg, res))
         r = res.row
         seeds.append(dict(seed=seed, test_accuracy=r["test"]["accuracy"],

@@ -521,10 +521,14 @@ def _execute_in_process(runs: Sequence[Run], train: Callable[[], list]) -> list[
     return [(run, rc, time.time() - t0) for run, rc in zip(runs, rcs)]
 
 
-def _train_one(cfg: ml_collections.ConfigDict, cache: dict) -> Callable[[], list]:
-    """One cell with ``run_experiment`` (the base model from ``cache``, loaded once)."""
+def _train_one(cfg: ml_collections.ConfigDict, cache: dict, programs: Any = None
+               ) -> Callable[[], list]:
+    """One cell with ``run_experiment`` (the base model from ``cache``, loaded once; the
+    compiled programs shared with earlier cells through ``programs``, a
+    :class:`~peft_jax.programs.ProgramCache`)."""
     from peft_jax.runner import run_experiment
-    return lambda: [run_experiment(cfg, pretrained=pretrained_for(cfg, cache)).row]
+    return lambda: [run_experiment(cfg, pretrained=pretrained_for(cfg, cache),
+                                   programs=programs).row]
 
 
 def _train_vectorized(cfgs: Sequence[ml_collections.ConfigDict], cache: dict) -> Callable[[], list]:
@@ -633,10 +637,13 @@ def run_sweep(runs: Sequence[Run], config_spec: str, *, common: Sequence[str] = 
         return ok
 
     if in_process:
+        from peft_jax.programs import ProgramCache
+        programs = ProgramCache()   # cells that differ only in values (seed, data) compile once
         for g in plan:
             runs_g = [todo[i][0] for i in g]
             cfgs_g = [run_config(base_cfg, run, common) for run in runs_g]
-            train = _train_vectorized(cfgs_g, cache) if len(g) > 1 else _train_one(cfgs_g[0], cache)
+            train = (_train_vectorized(cfgs_g, cache) if len(g) > 1
+                     else _train_one(cfgs_g[0], cache, programs))
             oks = [finish(*done) for done in _execute_in_process(runs_g, train)]
             if not all(oks) and fail_fast:
                 break
@@ -690,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses)")
     p.add_argument("--in-process", action="store_true",
                    help="run the cells one after the other in this process, loading each base "
-                        "model once (saves the model load of every run)")
+                        "model once (saves the model load of every run) and compiling once "
+                        "for cells that differ only in seed or data splits")
     p.add_argument("--vectorize", action="store_true",
                    help="in this process, train cells that differ only in seed, learning rate or "
                         "the methods' init options as one vmapped program over one frozen base "

@@ -25,6 +25,7 @@ from peft_jax.data.builtin import LMBFF_SEEDS
 from peft_jax.fewshot.methods import (DEFAULT_MODEL, METHODS, VECTORIZABLE, Budget, Interrupted,
                                       check_template, method_config, run_one, run_seeds_vectorized)
 from peft_jax.phases import PhaseClock
+from peft_jax.programs import ProgramCache
 
 
 def result_path(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str) -> str:
@@ -39,18 +40,20 @@ def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[in
     ``vectorize``: the seeds of each method train as one program
     (:func:`~peft_jax.fewshot.methods.run_seeds_vectorized`; ``VECTORIZABLE`` methods only).
     ``clock`` (the process's phases): its ``model_load`` phase, then the first training
-    run's phases (later runs time themselves)."""
+    run's phases (later runs time themselves). Runs one by one share their compiled
+    programs while the model stays loaded (:class:`~peft_jax.programs.ProgramCache`: the
+    seeds of a method compile once)."""
     from peft_jax.models.registry import load_pretrained
 
-    rows, loaded = [], {}
+    rows, loaded, programs = [], {}, ProgramCache()
     for task in tasks:
         for m in methods:
             name = model or DEFAULT_MODEL[m]
             todo = [s for s in seeds if not (skip_existing and os.path.exists(
                 result_path(m, task, s, name, budget, workdir)))]
             if todo and name not in loaded:
-                loaded.clear()   # one model in memory at a time
-                loaded[name] = load_pretrained(name)
+                loaded.clear()   # one model in memory at a time (and its programs)
+                loaded[name], programs = load_pretrained(name), ProgramCache()
                 if clock is not None:
                     clock.mark("model_load")
             if vectorize and todo:
@@ -61,7 +64,7 @@ def run_methods(methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[in
                 done = []
                 for seed in todo:
                     done.append(run_one(m, task, seed, name, budget, workdir, pre=loaded[name],
-                                        clock=clock))
+                                        clock=clock, programs=programs))
                     clock = None
             for seed, row in zip(todo, done):
                 rows.append(row)

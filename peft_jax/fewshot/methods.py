@@ -46,6 +46,7 @@ from peft_jax.defaults import base_config
 from peft_jax.fewshot import pet, protoverb_frozen, self_training
 from peft_jax.models.registry import load_pretrained, model_kind
 from peft_jax.phases import PhaseClock
+from peft_jax.programs import ProgramCache
 from peft_jax.runner import RunResult, encode_split, load_examples, run_experiment, setup
 from peft_jax.runner.results import flat_config, write_json
 from peft_jax.runner.vectorized import run_vectorized
@@ -204,10 +205,10 @@ def write_row(cfg, row: dict) -> dict:
     return row
 
 
-def untrained(cfg, pre: Any) -> dict:
+def untrained(cfg, pre: Any, programs: Optional[ProgramCache] = None) -> dict:
     """Zero-shot / in-context: dev and test metrics of the base model (LoRA B = 0), with the
     test calibration (``ece``; content-free calibrated ``accuracy_cc`` / ``ece_cc``)."""
-    s = setup(cfg, pre)
+    s = setup(cfg, pre, programs=programs)
     test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, 0)
     metrics = s.evaluate(s.state.trainable, encode_split(s.exp, test))
     cal = test_calibration(s, s.state.trainable, test)
@@ -263,10 +264,12 @@ class Interrupted(RuntimeError):
     """A run stopped early (SIGTERM / preemption): no row is written for it."""
 
 
-def train(cfg, pre: Any, clock: Optional[PhaseClock] = None) -> RunResult:
+def train(cfg, pre: Any, clock: Optional[PhaseClock] = None,
+          programs: Optional[ProgramCache] = None) -> RunResult:
     """One runner training with dev selection and a test evaluation of the selected step
-    (``clock``: its phases, as for ``run_experiment``)."""
-    res = run_experiment(cfg, pretrained=pre, clock=clock)
+    (``clock``: its phases, ``programs``: compiled programs shared with earlier runs, as for
+    ``run_experiment``)."""
+    res = run_experiment(cfg, pretrained=pre, clock=clock, programs=programs)
     if res.row["status"] != "finished":
         raise Interrupted(f"{cfg.workdir}: run {res.row['status']} at step {res.row['steps']}; "
                           "no result row written (rerun the command to redo this seed)")
@@ -311,9 +314,12 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
 
 
 def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workdir: str,
-            pre: Any = None, clock: Optional[PhaseClock] = None) -> dict:
+            pre: Any = None, clock: Optional[PhaseClock] = None,
+            programs: Optional[ProgramCache] = None) -> dict:
     """Run ``method`` for one seed and write its row; returns the row. ``clock``: the
-    phases of its training run (methods trained by the runner)."""
+    phases of its training run (methods trained by the runner); ``programs``: jitted
+    programs shared with earlier runs of the process (the seeds of a method: compiled once;
+    :mod:`peft_jax.programs`)."""
 
     cfg = method_config(method, task, seed, model, budget, workdir)
     t0 = time.perf_counter()
@@ -322,22 +328,24 @@ def run_one(method: str, task: str, seed: int, model: str, budget: Budget, workd
                                             "mean" if method == "protoverb_mean" else "mask"))
     pre = pre or load_pretrained(model)
     if method in ("zeroshot", "incontext"):
-        return write_row(cfg, _row(cfg, method, untrained(cfg, pre), t0))
+        return write_row(cfg, _row(cfg, method, untrained(cfg, pre, programs), t0))
     if method in ("prompt", "prompt_demo", "head"):
-        return write_row(cfg, _row(cfg, method, train(cfg, pre, clock).row, t0))
+        return write_row(cfg, _row(cfg, method, train(cfg, pre, clock, programs).row, t0))
     if method == "pet":
-        return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0))
+        return write_row(cfg, run_pet(cfg, task, seed, budget, pre, t0, programs))
     if method == "selftrain":   # STraTA: teacher and students start from the intermediate task
-        init = source_delta(cfg, task, budget, pre) if budget.selftrain_init == "intermediate" else ""
-        return write_row(cfg, run_selftrain(cfg, task, seed, budget, pre, t0, init_from=init))
+        init = (source_delta(cfg, task, budget, pre, programs)
+                if budget.selftrain_init == "intermediate" else "")
+        return write_row(cfg, run_selftrain(cfg, task, seed, budget, pre, t0, init_from=init,
+                                            programs=programs))
     if method == "intermediate":
-        return write_row(cfg, run_intermediate(cfg, task, seed, budget, pre, t0))
+        return write_row(cfg, run_intermediate(cfg, task, seed, budget, pre, t0, programs))
     if method == "multitask":
         cfg.task.mixture = SOURCES[task]
         cfg.task.mixture_cap = budget.mixture_cap
         cfg.train.steps = budget.source_steps
         cfg.train.eval_every = max(1, budget.source_steps // 5)
-        return write_row(cfg, _row(cfg, method, train(cfg, pre).row, t0,
+        return write_row(cfg, _row(cfg, method, train(cfg, pre, programs=programs).row, t0,
                                    mixture=cfg.task.mixture))
     raise ValueError(f"method {method!r}; choose from {list(METHODS)}")
 
@@ -387,7 +395,8 @@ def run_protoverb(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
                 protoverb={**res["protoverb"], "template": template}, steps=200)
 
 
-def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
+def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
+            programs: Optional[ProgramCache] = None) -> dict:
     """PET: ``budget.pvps`` prompt models -> soft labels on unlabelled data -> distilled student."""
     pvps = PVPS[PVP_SETS.get(task, "")][:budget.pvps] if task in PVP_SETS else None
     if custom_template(budget):   # the user's PVP first
@@ -405,11 +414,11 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
         done = _finished_prompt_run(cfg, task, seed, budget, template, words)
         if done is not None:   # the `prompt` method already trained this PVP for this seed
             c.train.init_from = os.path.join(os.path.dirname(done["path"]), "delta")
-            s = setup(c, pre)
+            s = setup(c, pre, programs=programs)
             selected, dev_acc = s.state.trainable, done["dev"].get("accuracy")
             test_acc = done["metrics"]["accuracy"]
         else:
-            res = train(c, pre)
+            res = train(c, pre, programs=programs)
             s, selected = res.session, res.selected
             dev_acc, test_acc = res.row["metrics"].get("accuracy"), res.row["test"]["accuracy"]
         if test_ex is None:
@@ -431,7 +440,7 @@ def run_pet(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> d
     st.train.batch_size = 16
     st.train.eval_every = max(1, budget.student_steps // 5)
     student_pre = pre if budget.pet_student == cfg.model.name else load_pretrained(budget.pet_student)
-    res = train(st, student_pre).row
+    res = train(st, student_pre, programs=programs).row
     return _row(cfg, "pet", res, t0, pvps=per_pvp, ensemble_test_accuracy=ens_acc,
                 unlabelled=len(pool), student=budget.pet_student)
 
@@ -455,7 +464,7 @@ def _finished_prompt_run(cfg, task: str, seed: int, budget: Budget, template: st
 
 
 def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
-                  init_from: str = "") -> dict:
+                  init_from: str = "", programs: Optional[ProgramCache] = None) -> dict:
     """Teacher on the shots; each round pseudo-labels the pool above ``threshold`` (balanced
     per class) and trains a fresh student on shots + pseudo-labels; the student teaches next."""
     pool = unlabelled_pool(task, seed, budget.unlabelled)
@@ -464,7 +473,7 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
     rounds = []
     c = base.copy_and_resolve_references()
     c.workdir = os.path.join(cfg.workdir, "round0")
-    res = train(c, pre)
+    res = train(c, pre, programs=programs)
     rounds.append({"round": 0, "pseudo": 0, "test_accuracy": res.row["test"]["accuracy"]})
     for r in range(1, budget.rounds + 1):
         probs = pet.softmax(res.session.predict_scores(res.selected, pool))
@@ -477,13 +486,14 @@ def run_selftrain(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float
         c.train.steps = budget.student_steps
         c.train.batch_size = 16
         c.train.eval_every = max(1, budget.student_steps // 5)
-        res = train(c, pre)
+        res = train(c, pre, programs=programs)
         rounds.append({"round": r, "pseudo": len(kept), "test_accuracy": res.row["test"]["accuracy"]})
     return _row(cfg, "selftrain", res.row, t0, rounds=rounds, threshold=budget.threshold,
                 unlabelled=len(pool), init_from=init_from)
 
 
-def source_delta(cfg, task: str, budget: Budget, pre: Any) -> str:
+def source_delta(cfg, task: str, budget: Budget, pre: Any,
+                 programs: Optional[ProgramCache] = None) -> str:
     """The intermediate-task delta (trained once, shared by the seeds: the source run does
     not see the target's shots): the ``SOURCES`` tasks as one mixture, head + LoRA."""
     src_dir = os.path.join(os.path.dirname(os.path.dirname(cfg.workdir)),
@@ -506,11 +516,13 @@ def source_delta(cfg, task: str, budget: Budget, pre: Any) -> str:
     src.train.steps = budget.source_steps
     src.train.batch_size = 16
     src.train.eval_every = 0
-    train(src, pre)
+    train(src, pre, programs=programs)
     return delta
 
 
-def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float) -> dict:
+def run_intermediate(cfg, task: str, seed: int, budget: Budget, pre: Any, t0: float,
+                     programs: Optional[ProgramCache] = None) -> dict:
     """Source tasks (``SOURCES``, as one mixture) first, then the target from that delta."""
-    cfg.train.init_from = source_delta(cfg, task, budget, pre)
-    return _row(cfg, "intermediate", train(cfg, pre).row, t0, source=SOURCES[task])
+    cfg.train.init_from = source_delta(cfg, task, budget, pre, programs)
+    return _row(cfg, "intermediate", train(cfg, pre, programs=programs).row, t0,
+                source=SOURCES[task])

@@ -10,6 +10,7 @@ import jax
 
 from peft_jax.models.slots import SLOT_HOOKS
 from peft_jax.peft import tree
+from peft_jax.programs import ProgramCache, program
 
 Array = Any
 
@@ -20,7 +21,8 @@ def dense_paths(base: Mapping) -> list[str]:
 
 
 def init_delta(model: nn.Module, base: Mapping, batch: Mapping[str, Array], rng: Array,
-               methods: Optional[Sequence[Any]] = None) -> dict:
+               methods: Optional[Sequence[Any]] = None,
+               programs: Optional[ProgramCache] = None) -> dict:
     """The ``peft`` collection of ``model`` (built with ``slots=Slots(methods)``).
 
     Runs ``model.apply({"params": base}, **batch, mutable=["peft"], rngs={"params": rng})``
@@ -29,7 +31,9 @@ def init_delta(model: nn.Module, base: Mapping, batch: Mapping[str, Array], rng:
     reparameterization, a task head) and its validation (``validate``: e.g. a LoRA target
     regex that matched no module is an error naming it). ``batch``: any inputs of the right
     rank (values and length do not change the delta's shapes). ``methods``: default the
-    model's ``slots.methods``.
+    model's ``slots.methods``. ``programs``: the jitted slot init is shared with earlier
+    inits of an equal model and equal non-array inputs (its key; the base, array inputs and
+    rng are arguments).
     """
     slots = getattr(model, "slots", None)
     methods = tuple(slots.methods if slots else ()) if methods is None else tuple(methods)
@@ -49,7 +53,9 @@ def init_delta(model: nn.Module, base: Mapping, batch: Mapping[str, Array], rng:
                                  rngs={"params": key})
             return mut.get("peft", {})
 
-        delta = tree.copy(jax.jit(run)(base, arrays, k_apply))
+        init = program(programs, ("init_delta", model, tuple(sorted(static.items()))),
+                       lambda: jax.jit(run))
+        delta = tree.copy(init(base, arrays, k_apply))
     for i, m in enumerate(methods):
         delta = m.finalize_delta(delta, base, jax.random.fold_in(k_post, i))
     paths = dense_paths(base)

@@ -32,6 +32,7 @@ from peft_jax.parallel import distributed
 from peft_jax.parallel.prefetch import DevicePrefetcher
 from peft_jax.phases import PhaseClock
 from peft_jax.models.quantize import weight_count
+from peft_jax.programs import ProgramCache, program
 from peft_jax.peft import tree
 from peft_jax.peft.delta_io import save_delta
 from peft_jax.peft.partition import tree_size
@@ -66,17 +67,21 @@ class RunResult:
 
 
 def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None,
-                   clock: Optional[PhaseClock] = None) -> RunResult:
+                   clock: Optional[PhaseClock] = None,
+                   programs: Optional[ProgramCache] = None) -> RunResult:
     """Train (or resume) the run described by ``cfg``; returns its result (and writes it).
     ``clock``: the run's phases up to its first step (:mod:`peft_jax.phases`; default: a
-    clock started now), in its row as ``phases`` and in its log."""
+    clock started now), in its row as ``phases`` and in its log. ``programs``: the jitted
+    train step, predict function and delta init are shared with the earlier runs of this
+    cache whose programs are the same (:func:`peft_jax.runner.session.program_key`: runs
+    that differ only in seed, data splits, initial delta or workdir); None: built anew."""
     clock = clock or PhaseClock(from_process_start=False)
     with clock:
-        return _run(cfg, pretrained, on_step, clock)
+        return _run(cfg, pretrained, on_step, clock, programs)
 
 
-def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: PhaseClock
-         ) -> RunResult:
+def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: PhaseClock,
+         programs: Optional[ProgramCache]) -> RunResult:
     t_start = time.perf_counter()
     distributed.initialize()
     main = jax.process_index() == 0
@@ -84,12 +89,13 @@ def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: 
         preflight(cfg)
         prepare_workdir(cfg)
     clock.mark("config")
-    s = setup(cfg, pretrained, clock=clock)
+    s = setup(cfg, pretrained, clock=clock, programs=programs)
     exp, c = s.exp, cfg.train
     state, frozen, batches, shard, meta = s.state, s.frozen, s.batches, s.shard, s.meta_base
-    train_step = jit_train_step(make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables,
-                                                s.tx, c.grad_accum, c.max_update_ratio),
-                                s.state_sh, s.frozen_sh, None)
+    train_step = program(programs, ("train_step", s.program_key()), lambda: jit_train_step(
+        make_train_step(make_loss_fn(exp.model, s.spec), s.ts.variables, s.tx, c.grad_accum,
+                        c.max_update_ratio),
+        s.state_sh, s.frozen_sh, None))
 
     ckpt = DeltaCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=c.keep)
     best = (DeltaCheckpointer(os.path.join(cfg.workdir, "best"), keep=1, best_metric=c.best_metric)

@@ -25,6 +25,7 @@ from peft_jax.data.tokenize import pad_token_id
 from peft_jax.parallel import distributed
 from peft_jax.parallel.mesh import make_mesh, shard_batch, under_mesh
 from peft_jax.phases import PhaseClock
+from peft_jax.programs import ProgramCache, program, tree_signature
 from peft_jax.peft.delta_io import load_delta, methods_config, tree_spec
 from peft_jax.peft.optim import optimizer_from_config
 from peft_jax.peft import tree
@@ -32,12 +33,17 @@ from peft_jax.runner.data import (encode_split, demonstration_pool, load_example
                                   training_examples)
 from peft_jax.runner.evaluation import exact_match_encoded, predict_encoded, task_metrics
 from peft_jax.runner.experiment import Experiment, build_experiment
+from peft_jax.runner.results import flat_config
 from peft_jax.train.builder import TrainSetup, build_train_state
 from peft_jax.train.checkpoint import CheckpointError, DeltaCheckpointer
 from peft_jax.train.forward import FormatSpec, make_predict_fn
 from peft_jax.train.step import make_eval_step
 
 DATA_MODES = ("train", "eval", "none")
+# flat config keys that choose only values (data, rng keys, the initial delta, file places),
+# never a program: runs that differ only in these share compiled programs (program_key)
+VALUE_KEYS = ("name", "workdir", "seed", "task.train_split", "task.eval_split",
+              "task.test_split", "train.init_from")
 
 
 @dataclasses.dataclass
@@ -67,6 +73,10 @@ class Session:
 
     def abstract_state(self) -> Any:
         return self.ts.abstract_state()
+
+    def program_key(self) -> tuple:
+        """:func:`program_key` of this run."""
+        return program_key(self.exp, self.spec, self.ts)
 
     def predict_rows(self, trainable: Any, encoded: Any) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels) of every row of ``encoded``, in order."""
@@ -156,13 +166,27 @@ def meta_base(exp: Experiment) -> dict:
         "optimizer": cfg.optim.optimizer, "scan_layers": bool(cfg.model.scan_layers)}))
 
 
+def program_key(exp: Experiment, spec: Any, ts: TrainSetup) -> tuple:
+    """Everything a run's jitted train step and predict function capture, as a hashable key
+    (:mod:`peft_jax.programs`): the config without :data:`VALUE_KEYS` (optimizer, schedule
+    length, grad_accum, max_update_ratio, format, buckets, ...), the model (its config and
+    methods), the format spec (label word ids, pad / eos ids, head), the mesh, and the
+    structure (treedef, shapes, dtypes) and shardings of the train state and the frozen tree
+    (the optimizer's groups follow the trainable tree)."""
+    flat = {k: v for k, v in flat_config(exp.cfg).items() if k not in VALUE_KEYS}
+    return (json.dumps(sorted(flat.items())), exp.model, spec, ts.methods, ts.mesh,
+            tree_signature(ts.state), tree_signature(ts.frozen),
+            tree_signature(ts.state_sh), tree_signature(ts.frozen_sh))
+
+
 def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False,
-          clock: Optional[PhaseClock] = None) -> Session:
+          clock: Optional[PhaseClock] = None, programs: Optional[ProgramCache] = None) -> Session:
     """Everything before the first step: load, (encode), init the delta, shard, jit.
 
     ``bare``: the plain base model, no PEFT method (the format's head only); its state is
     initialized even without training data. ``clock``: its ``model_load``, ``data`` and
-    ``init`` phases end here."""
+    ``init`` phases end here. ``programs``: the delta init and the predict function are
+    shared with earlier runs of an equal :func:`program_key` (:mod:`peft_jax.programs`)."""
     clock = clock or PhaseClock(from_process_start=False)
     if data not in DATA_MODES:
         raise ValueError(f"setup: data={data!r}; choose one of {DATA_MODES}")
@@ -188,9 +212,9 @@ def setup(cfg, pretrained: Any = None, data: str = "train", bare: bool = False,
     ts = build_train_state(
         exp.model, exp.pre.base, exp.methods, init_inputs(exp), jax.random.PRNGKey(cfg.seed),
         lambda tr: optimizer_from_config(cfg.optim, tr, exp.methods, c.steps), mesh=mesh,
-        transform=transform, abstract=data != "train" and not bare)
-    predict = under_mesh(jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables)),
-                         mesh)
+        transform=transform, abstract=data != "train" and not bare, programs=programs)
+    predict = program(programs, ("predict", program_key(exp, spec, ts)), lambda: under_mesh(
+        jax.jit(make_eval_step(make_predict_fn(exp.model, spec), ts.variables)), mesh))
     clock.mark("init")
     return Session(exp=exp, spec=spec, ts=ts, batches=batches, train_enc=train_enc,
                    eval_enc=eval_enc, predict=predict,

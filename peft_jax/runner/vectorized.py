@@ -53,6 +53,7 @@ from peft_jax.models.quantize import weight_count
 from peft_jax.parallel.mesh import batch_sharding
 from peft_jax.peft.method import REGISTRY
 from peft_jax.phases import PhaseClock
+from peft_jax.programs import ProgramCache
 from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, tree_size
 from peft_jax.runner.data import model_batch
 from peft_jax.runner.evaluation import in_row_order, task_metrics
@@ -193,10 +194,12 @@ def scaled_state(state: TrainState, scale: float) -> TrainState:
 def shared_sessions(cfgs: Sequence[Any], pretrained: Any, clock: Optional[PhaseClock] = None
                     ) -> list[Session]:
     """``setup`` of every run; the runs share run 0's frozen base and jitted predict (the
-    same base and methods: the others' copies are dropped as soon as they are made)."""
+    same base and methods: the others' copies are dropped as soon as they are made) and
+    the compiled delta init of equal programs (:class:`~peft_jax.programs.ProgramCache`)."""
     sessions: list[Session] = []
+    programs = ProgramCache()
     for cfg in cfgs:
-        s = setup(cfg, pretrained, clock=clock)
+        s = setup(cfg, pretrained, clock=clock, programs=programs)
         if sessions:
             s0 = sessions[0]
             shapes = lambda t: [np.shape(x) for x in jax.tree.leaves(t)]

@@ -40,6 +40,7 @@ from peft_jax.parallel.mesh import logical_axes_tree, shardings_for
 from peft_jax.peft import tree
 from peft_jax.peft.init_delta import init_delta
 from peft_jax.peft.partition import BASE_KEY, DELTA_KEY, split_trainable, variables_fn
+from peft_jax.programs import ProgramCache
 from peft_jax.train.checkpoint import abstract_with_shardings
 from peft_jax.train.step import TrainState
 
@@ -91,8 +92,9 @@ def base_axes(model: Any, inputs: Mapping[str, Array], int8: bool = False) -> An
 
 
 def _split(model: Any, base: Any, methods: tuple, inputs: Mapping[str, Array], rng: Array,
-           transform: Optional[Callable[[Any], Any]]) -> tuple[Any, Any]:
-    delta = init_delta(model, base, inputs, rng, methods) if methods else {}
+           transform: Optional[Callable[[Any], Any]],
+           programs: Optional[ProgramCache] = None) -> tuple[Any, Any]:
+    delta = init_delta(model, base, inputs, rng, methods, programs) if methods else {}
     trainable, frozen = split_trainable(base, delta, methods=methods)
     # base leaves a method trains (BitFit, full) leave a bf16 base in fp32: fp32 updates
     trainable = jax.tree.map(lambda a: a.astype(jnp.float32)
@@ -110,7 +112,8 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
                       inputs: Mapping[str, Array], rng: Array,
                       make_tx: Callable[[Any], optax.GradientTransformation], *,
                       mesh: Any = None, transform: Optional[Callable[[Any], Any]] = None,
-                      abstract: bool = False) -> TrainSetup:
+                      abstract: bool = False,
+                      programs: Optional[ProgramCache] = None) -> TrainSetup:
     """Delta init, trainable/frozen split, optimizer, placement on ``mesh``.
 
     ``model``: the Flax module built with ``Slots(methods)``; ``base``: its pretrained
@@ -130,15 +133,15 @@ def build_train_state(model: Any, base: Any, methods: Sequence[Any],
     inputs = {k: jnp.asarray(v) if hasattr(v, "shape") else v for k, v in inputs.items()}
     if abstract:
         trainable, frozen_abs = jax.eval_shape(
-            lambda b: _split(model, b, methods, inputs, k_delta, transform), base)
+            lambda b: _split(model, b, methods, inputs, k_delta, transform, programs), base)
         if tree.flatten(frozen_abs[DELTA_KEY]):   # method-owned frozen state: compute it
-            _, frozen = _split(model, base, methods, inputs, k_delta, None)
+            _, frozen = _split(model, base, methods, inputs, k_delta, None, programs)
         else:
             frozen = split_trainable(base, {}, methods=methods)[1]
         tx = make_tx(trainable)
         state = jax.eval_shape(lambda t, r: TrainState.create(t, tx, r), trainable, k_state)
     else:
-        trainable, frozen = _split(model, base, methods, inputs, k_delta, transform)
+        trainable, frozen = _split(model, base, methods, inputs, k_delta, transform, programs)
         tx = make_tx(trainable)
         state = TrainState.create(trainable, tx, k_state)
     state_sh = frozen_sh = None

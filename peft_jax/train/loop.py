@@ -48,7 +48,7 @@ class LoopResult:
     last_eval: dict
     history: list
     steps_run: int
-    compilations: int
+    compilations: int            # train step variants compiled during this loop (-1: unknown)
     wall_s: float
     stop_signal: str = ""        # "SIGINT" | "SIGTERM" when preempted
 
@@ -57,6 +57,12 @@ def compile_count(jitted: Callable) -> int:
     """Number of compiled variants of a jitted function (one per input shape/bucket)."""
     size = getattr(jitted, "_cache_size", None)
     return int(size()) if callable(size) else -1
+
+
+def _compiled_since(jitted: Callable, before: int) -> int:
+    """Variants of ``jitted`` compiled since it had ``before`` (-1: not countable)."""
+    now = compile_count(jitted)
+    return now - before if now >= 0 and before >= 0 else -1
 
 
 def _agree(save_due: bool, stop: bool, at_sync_point: bool) -> tuple[bool, bool]:
@@ -93,6 +99,7 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
     Raises :class:`NonFiniteLoss` at the first refused update (see :mod:`.health`).
     """
     start = int(jax.device_get(state.step))
+    compiled_before = compile_count(train_step)   # a step shared with earlier runs has some
     check_initial(state.trainable, "the initial delta (config.peft.prompt.file, "
                   "config.train.init_from or another init option)" if start == 0
                   else f"the checkpoint of step {start} this run resumed from")
@@ -192,5 +199,5 @@ def run_loop(*, state: Any, frozen: Any, train_step: Callable, batches: Iterator
     if bar:
         bar.close()
     return LoopResult(state=state, status=status, last_eval=last_eval, history=history,
-                      steps_run=steps_run, compilations=compile_count(train_step),
+                      steps_run=steps_run, compilations=_compiled_since(train_step, compiled_before),
                       wall_s=time.perf_counter() - t0, stop_signal=stop_signal)
