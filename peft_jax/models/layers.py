@@ -121,6 +121,17 @@ def dropout_keep_mask(rng: Array, rate: float, shape: Sequence[int],
     return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
 
 
+def matmul(x: Array, w: Array) -> Array:
+    """``x [..., in] @ w [in, out]`` -> ``[..., out]``, computed as one 2-D matmul
+    ``[rows, in] @ [in, out]``. Same values as ``jnp.dot``; on XLA:CPU the backward of the
+    3-D form transposes its operands into copies (and recomputes the elementwise ops
+    feeding them) before the weight-gradient dot, the 2-D form does not
+    (``benchmarks/matmul_layout.py``)."""
+    if x.ndim == 2:
+        return jnp.dot(x, w)
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def apply_dropout(x: Array, rate: float, rng: Array, impl: str = DEFAULT_DROPOUT_IMPL) -> Array:
     """Inverted dropout: zero each element with probability ``rate``, scale the rest by
     ``1 / (1 - rate)``. x ``[...]`` -> same shape and dtype."""
@@ -193,7 +204,7 @@ class Dense(nn.Module):
         def base_fn(inp: Array) -> Array:
             w = (dequantize_kernel(kernel, scale, self.dtype, jnp) if grouped
                  else jnp.asarray(kernel, self.dtype))
-            y = jnp.dot(inp.astype(self.dtype), w)
+            y = matmul(inp.astype(self.dtype), w)
             if scale is not None and not grouped:     # one group: scale the output
                 y = y * jnp.asarray(scale[0], self.dtype)
             if bias is not None:

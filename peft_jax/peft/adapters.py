@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from peft_jax.models.layers import get_activation
+from peft_jax.models.layers import get_activation, matmul
 from peft_jax.peft import tree
 from peft_jax.peft.method import PeftMethod, option, register
 
@@ -69,9 +69,9 @@ class Adapter(PeftMethod):
                             lambda: _adapter_init(module.make_rng("params"), d, self.bottleneck,
                                                   self.init_scale)).value
         dt = h.dtype
-        z = jnp.dot(h, jnp.asarray(w["down_kernel"], dt)) + jnp.asarray(w["down_bias"], dt)
+        z = matmul(h, jnp.asarray(w["down_kernel"], dt)) + jnp.asarray(w["down_bias"], dt)
         z = get_activation(self.activation)(z)
-        return h + jnp.dot(z, jnp.asarray(w["up_kernel"], dt)) + jnp.asarray(w["up_bias"], dt)
+        return h + matmul(z, jnp.asarray(w["up_kernel"], dt)) + jnp.asarray(w["up_bias"], dt)
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:
         if not any(self.owns(p) for p in tree.flatten(delta)):

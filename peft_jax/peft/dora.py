@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.models.layers import matmul
 from peft_jax.models.slots import module_path
 from peft_jax.peft import hf_peft, tree
 from peft_jax.peft.lora import LoRA
@@ -85,8 +86,8 @@ class DoRA(LoRA):
         if deterministic or self.dropout == 0.0:
             base = y - jnp.asarray(base_param(module, "bias"), y.dtype) if module.use_bias else y
         else:
-            base = jnp.dot(h, jnp.asarray(kernel, module.dtype))
-        lora = jnp.dot(jnp.dot(h, jnp.asarray(a, module.dtype)), jnp.asarray(b, module.dtype))
+            base = matmul(h, jnp.asarray(kernel, module.dtype))
+        lora = matmul(matmul(h, jnp.asarray(a, module.dtype)), jnp.asarray(b, module.dtype))
         return y + (g - 1) * base + g * jnp.asarray(scale, module.dtype) * lora
 
     # -- merge

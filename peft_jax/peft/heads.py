@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from peft_jax.models.layers import matmul
 from peft_jax.peft.method import BuildContext, PeftMethod, internal, option, register
 from peft_jax.peft.prompt import embedding_table
 
@@ -73,7 +74,7 @@ def _dropout(x: Array, rate: float, deterministic: bool, rng: Optional[Array]) -
 
 
 def _apply_dense(p: dict, x: Array) -> Array:
-    return jnp.dot(x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+    return matmul(x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
 
 
 def apply_head(kind: str, params: dict, pooled: Array, deterministic: bool = True,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models.layers import apply_dropout
+from peft_jax.models.layers import apply_dropout, matmul
 from peft_jax.models.slots import module_path
 from peft_jax.peft import hf_peft, tree
 from peft_jax.peft.method import (HfNames, ModelInfo, PeftMethod, internal, option,
@@ -172,7 +172,7 @@ class LoRA(PeftMethod):
             return base_fn(x)
         a, b, scale = self.lora_leaves(module, x.shape[-1])
         h = self.lora_input(module, x, deterministic)
-        lora = jnp.dot(jnp.dot(h, jnp.asarray(a, module.dtype)), jnp.asarray(b, module.dtype))
+        lora = matmul(matmul(h, jnp.asarray(a, module.dtype)), jnp.asarray(b, module.dtype))
         return base_fn(x) + jnp.asarray(scale, module.dtype) * lora
 
     def validate(self, delta: Mapping, dense_paths: Sequence[str]) -> None:

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models.layers import apply_dropout
+from peft_jax.models.layers import apply_dropout, matmul
 from peft_jax.models.slots import module_path
 from peft_jax.models.stack import leaf_shape
 from peft_jax.peft import hf_peft, tree
@@ -156,8 +156,8 @@ class VeRA(PeftMethod):
         h = x.astype(module.dtype)
         if not deterministic and self.dropout > 0.0:
             h = apply_dropout(h, self.dropout, module.make_rng("dropout"), module.slots.dropout_impl)
-        h = jnp.dot(h, a) * jnp.asarray(lam_d.value, module.dtype)
-        return y + jnp.dot(h, b) * jnp.asarray(lam_b.value, module.dtype)
+        h = matmul(h, a) * jnp.asarray(lam_d.value, module.dtype)
+        return y + matmul(h, b) * jnp.asarray(lam_b.value, module.dtype)
 
     # -- merge
 
