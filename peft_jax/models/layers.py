@@ -127,8 +127,6 @@ def matmul(x: Array, w: Array) -> Array:
     3-D form transposes its operands into copies (and recomputes the elementwise ops
     feeding them) before the weight-gradient dot, the 2-D form does not
     (``benchmarks/matmul_layout.py``)."""
-    if x.ndim == 2:
-        return jnp.dot(x, w)
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
