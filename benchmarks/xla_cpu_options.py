@@ -18,7 +18,10 @@ build the default XLA:CPU pipeline already hands dots and reductions to YNNPACK
 reduce); ``xla_cpu_use_xnnpack`` / ``xla_cpu_experimental_xnn_fusion_type`` are accepted
 but produce no XNNPACK fusion (so the "xnnpack off" variant is ``ynn_off``); oneDNN
 fusions need ``xla_cpu_use_onednn=true`` *and* a fusion type list;
-``xla_cpu_disable_new_fusion_emitters`` is not a flag of this build (it aborts).
+``xla_cpu_disable_new_fusion_emitters`` is not a flag of this build (it aborts). With
+oneDNN fusions on, MiniLM full fine-tuning compiles and runs, but LoRA / prompt / adapter
+steps die with SIGILL after oneDNN's "partition compile failed" (any one fusion type alone
+too; AVX2 AMD EPYC): the ``onednn`` rows carry that error.
 
 Real run (~1 min per variant x method on 2 busy cores)::
 
@@ -34,6 +37,7 @@ import argparse
 import datetime
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,8 +101,17 @@ def run_variant(flags: str, args: list, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f}s"}
     res = common.parse_result(proc.stdout)
     if res is None:
-        return {"error": f"exit {proc.returncode}: {_error_line(proc.stderr)[:160]}"}
+        rc = proc.returncode
+        how = f"exit {rc}" if rc >= 0 else f"killed by {_signal_name(-rc)}"
+        return {"error": f"{how}: {_error_line(proc.stderr)[:160]}"}
     return res
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 def derive(rows: list[dict]) -> None:
