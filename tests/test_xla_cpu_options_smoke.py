@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def _table(text: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # two worker processes, ~30 s on 2 cores
 def test_xla_cpu_options_quick_two_variants(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices are not wanted here
