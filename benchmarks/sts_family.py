@@ -19,8 +19,11 @@ STS-B test, SICK-R test, a fixed random subset of ``max_pairs`` pairs per task (
 every row). Each cell is one JSON file under ``--out`` and is skipped when present.
 
     python benchmarks/sts_family.py --models minilm --seeds 1,2,3
-    python benchmarks/sts_family.py --models smollm2 --seeds 1
+    python benchmarks/sts_family.py --models smollm2 --seeds 1,2,3
     python benchmarks/sts_family.py --report
+
+The cells behind the README table are kept in ``benchmarks/results/sts_family/``
+(``--report --out benchmarks/results/sts_family`` prints that table again).
 """
 
 from __future__ import annotations

@@ -220,6 +220,33 @@ def test_rank_vectors_are_spearman_and_rankencoder_loss_equals_direct(tiny):
     assert float(m["rank_loss"]) == pytest.approx(rank_term, rel=1e-4)
 
 
+def test_rankencoder_table_is_lazy_and_equals_the_full_table():
+    """The teacher embeds only the sentences batches draw; their rank vectors equal the
+    rows of the table computed over every sentence at once."""
+    rng = np.random.default_rng(1)
+    vecs = {f"s{i}": rng.normal(size=5) for i in range(40)}
+    seen = []
+
+    def teacher(texts):
+        seen.extend(texts)
+        return np.stack([vecs[t] for t in texts])
+
+    texts = list(vecs)
+    obj = objectives.RankEncoder(teacher=teacher, corpus_size=8)
+    tok = WordTokenizer(24)
+    cfg = simcse.SimCSEConfig(batch_size=4, max_length=24)
+    batches = obj.batches(tok, texts, cfg, 3)
+    assert len(seen) == 8                                    # the corpus only
+    corpus_rows = np.sort(np.random.default_rng(3).choice(40, 8, replace=False))
+    full = objectives.rank_vectors(np.stack([vecs[t] for t in texts]),
+                                   np.stack([vecs[texts[i]] for i in corpus_rows]))
+    for _ in range(3):
+        rows = batches._order[batches.pos:batches.pos + 4]
+        np.testing.assert_allclose(next(batches)["rank_vec"], full[rows], atol=1e-6)
+    assert 8 < len(seen) <= 8 + 12                           # 3 batches of 4, no more
+    np.testing.assert_allclose(batches.table[[0, 5]], full[[0, 5]], atol=1e-6)
+
+
 def test_promptbert_loss_equals_direct_and_embedder_denoises(tiny):
     tok = WordTokenizer(24)
     t1, t2 = 'this sentence : " {sentence} " means {mask} .', 'the text " {sentence} " is {mask} .'

@@ -99,14 +99,16 @@ class TripletBatches(SentenceBatches):
 
 class RankBatches(SentenceBatches):
     """:class:`SentenceBatches` whose batches also carry each row's ``rank_vec [b, N]``
-    (row ``i`` of ``table`` belongs to sentence ``i``; RankEncoder)."""
+    (row ``i`` of ``table`` belongs to sentence ``i``; RankEncoder). ``table``: an array, or
+    anything indexable by an index array with a length (``objectives.LazyRankTable``)."""
 
     def __init__(self, token_ids: Sequence[Sequence[int]], table: np.ndarray, batch_size: int,
                  max_length: int, pad_id: int, seed: int = 0):
         if len(table) != len(token_ids):
             raise ValueError(f"rank table has {len(table)} rows for {len(token_ids)} sentences")
         super().__init__(token_ids, batch_size, max_length, pad_id, seed)
-        self.table = np.asarray(table, np.float32)
+        self.table = (np.asarray(table, np.float32) if isinstance(table, (np.ndarray, list, tuple))
+                      else table)
 
     def _batch(self, rows: np.ndarray) -> dict:
         out = super()._batch(rows)

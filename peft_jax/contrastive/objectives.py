@@ -402,6 +402,27 @@ def rank_vectors(emb: np.ndarray, corpus: np.ndarray) -> np.ndarray:
     return (r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+class LazyRankTable:
+    """The rank-vector table ``[n, N]`` of :func:`rank_vectors`, row by row on first use:
+    the teacher embeds only the sentences that batches draw (a short run over a large
+    corpus of training sentences touches a few of them). ``table[rows] -> [len(rows), N]``."""
+
+    def __init__(self, texts: Sequence[str], teacher: Callable, corpus: np.ndarray):
+        self.texts, self.teacher, self.corpus = list(texts), teacher, corpus
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = [int(r) for r in np.atleast_1d(rows)]
+        todo = sorted(set(rows) - self._rows.keys())
+        if todo:
+            emb = np.asarray(self.teacher([self.texts[i] for i in todo]), np.float32)
+            self._rows.update(zip(todo, rank_vectors(emb, self.corpus)))
+        return np.stack([self._rows[r] for r in rows])
+
+
 def rank_loss(z: Array, r: Array, valid: Optional[Array] = None) -> Array:
     """Mean over in-batch pairs ``i != j`` of ``(cos(z_i, z_j) - r_i . r_j)^2``;
     ``z [b, d]``, ``r [b, N]`` (unit rank vectors)."""
@@ -432,10 +453,10 @@ class RankEncoder(Objective):
         if self.teacher is None:
             raise ValueError("RankEncoder needs teacher (texts -> [n, d] embeddings)")
         texts = list(texts)
-        emb = np.asarray(self.teacher(texts), np.float32)
         idx = np.random.default_rng(seed).choice(len(texts), min(self.corpus_size, len(texts)),
                                                  replace=False)
-        table = rank_vectors(emb, emb[np.sort(idx)])
+        corpus = np.asarray(self.teacher([texts[i] for i in np.sort(idx)]), np.float32)
+        table = LazyRankTable(texts, self.teacher, corpus)
         return RankBatches(tokenizer.encode(texts), table, cfg.batch_size, cfg.max_length,
                            tokenizer.pad_id, seed)
 
