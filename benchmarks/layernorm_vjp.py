@@ -1,15 +1,15 @@
 """LayerNorm (and GELU) backward: JAX autodiff vs a hand-written ``jax.custom_vjp`` on
 XLA:CPU: the same train step compiled each way in one process, timed alternately.
 
-``peft_jax.models.layers.LayerNorm`` (non-RMS) calls the module-level ``layers.layer_norm``
-core and the ``gelu`` activation calls ``layers.gelu_erf``. This script binds them, while one
-copy of the step is traced and compiled, to
+``peft_jax.models.layers.LayerNorm`` (non-RMS) calls ``layers.layer_norm`` and the ``gelu``
+activation calls ``layers.gelu_erf``. This script rebinds them (monkeypatching, here only),
+while one copy of the step is traced and compiled, to
 
 - ``autodiff``: ``layer_norm_autodiff`` + ``gelu_erf`` (the forms differentiated by JAX),
-- ``vjp``, ``vjp_res``, ``vjp_dx``, ``vjp_both``: ``layer_norm_custom_vjp`` with
-  ``layers.LN_FENCE`` = none / res / dx / both (a ``lax.cond`` fusion fence on the saved
-  ``xhat, rstd`` and/or on ``dx``; ``dx`` is the default),
-- ``vjp_dx+gelu``: ``vjp_dx`` + ``gelu_erf_vjp`` (closed-form GELU derivative),
+- ``vjp``, ``vjp_res``, ``vjp_dx``, ``vjp_both``: ``layer_norm`` with ``fence`` = none / res /
+  dx / both (a ``lax.cond`` fusion fence on the saved ``xhat, rstd`` and/or on ``dx``; ``dx``
+  is the default on CPU),
+- ``vjp_dx+gelu``: ``vjp_dx`` + :func:`gelu_erf_vjp` below (closed-form GELU derivative),
 
 then times the compiled steps in turns (A B C A B C ...), so all see the same machine load,
 and checks they compute the same loss. Prints median s/step per variant and the ratio to
@@ -36,29 +36,54 @@ import jax_worker  # noqa: E402
 import prepare as prep  # noqa: E402
 from step_bench import ensure_prepared  # noqa: E402
 
-VARIANTS = {  # name -> (layers.layer_norm, layers.LN_FENCE, layers.gelu_erf)
-    "autodiff": ("layer_norm_autodiff", "none", "gelu_erf"),
-    "vjp": ("layer_norm_custom_vjp", "none", "gelu_erf"),
-    "vjp_res": ("layer_norm_custom_vjp", "res", "gelu_erf"),
-    "vjp_dx": ("layer_norm_custom_vjp", "dx", "gelu_erf"),
-    "vjp_both": ("layer_norm_custom_vjp", "both", "gelu_erf"),
-    "vjp_dx+gelu": ("layer_norm_custom_vjp", "dx", "gelu_erf_vjp"),
+def gelu_erf_vjp(x, plain):
+    """``plain`` (``layers.gelu_erf``) with the closed-form derivative ``Phi(x) + x * phi(x)``
+    as backward."""
+    import math
+
+    import jax
+
+    @jax.custom_vjp
+    def f(x):
+        return plain(x)
+
+    def bwd(x, dy):
+        xf = x.astype("float32")
+        cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+        pdf = jax.numpy.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+        return ((dy.astype("float32") * (cdf + xf * pdf)).astype(dy.dtype),)
+
+    f.defvjp(lambda x: (f(x), x), bwd)
+    return f(x)
+
+
+VARIANTS = {  # name -> (LayerNorm core: "autodiff" or a fence, GELU: "autodiff" | "vjp")
+    "autodiff": ("autodiff", "autodiff"),
+    "vjp": ("none", "autodiff"),
+    "vjp_res": ("res", "autodiff"),
+    "vjp_dx": ("dx", "autodiff"),
+    "vjp_both": ("both", "autodiff"),
+    "vjp_dx+gelu": ("dx", "vjp"),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """Inside: ``layers.layer_norm`` / ``layers.gelu_erf`` are the variant's functions."""
+    import functools
+
     from peft_jax.models import layers
 
-    ln, fence, gelu = VARIANTS[name]
-    saved = layers.layer_norm, layers.LN_FENCE, layers.gelu_erf
-    layers.layer_norm, layers.LN_FENCE = getattr(layers, ln), fence
-    layers.gelu_erf = getattr(layers, gelu)
+    ln, gelu = VARIANTS[name]
+    saved = layers.layer_norm, layers.gelu_erf
+    layers.layer_norm = (layers.layer_norm_autodiff if ln == "autodiff"
+                         else functools.partial(saved[0], fence=ln))
+    if gelu == "vjp":
+        layers.gelu_erf = functools.partial(gelu_erf_vjp, plain=saved[1])
     try:
         yield
     finally:
-        layers.layer_norm, layers.LN_FENCE, layers.gelu_erf = saved
+        layers.layer_norm, layers.gelu_erf = saved
 
 
 def compiled_step(folder: str, method: str, host: dict, name: str):

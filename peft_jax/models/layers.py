@@ -61,27 +61,6 @@ def gelu_erf(x: Array) -> Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
-@jax.custom_vjp
-def gelu_erf_vjp(x: Array) -> Array:
-    """:func:`gelu_erf` with the closed-form derivative ``Phi(x) + x * phi(x)`` as backward
-    (saves ``x``, recomputes ``erf``); an experiment of ``benchmarks/layernorm_vjp.py``."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
-
-
-def _gelu_vjp_fwd(x):
-    return gelu_erf_vjp(x), x
-
-
-def _gelu_vjp_bwd(x, dy):
-    xf = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
-    pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
-    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(dy.dtype),)
-
-
-gelu_erf_vjp.defvjp(_gelu_vjp_fwd, _gelu_vjp_bwd)
-
-
 DROPOUT_IMPLS = ("hash", "jax")
 DEFAULT_DROPOUT_IMPL = "hash"
 
@@ -344,25 +323,30 @@ def _make_layer_norm_vjp(fence: str):
 
 LN_FENCES = ("none", "res", "dx", "both")
 _LN_VJPS = {f: _make_layer_norm_vjp(f) for f in LN_FENCES}
-# where layer_norm_custom_vjp puts fusion fences; "none" / "res" / "both" are benchmark variants
-LN_FENCE = "dx"
 
 
-def layer_norm_custom_vjp(x: Array, scale: Array, bias: Optional[Array], eps: float) -> Array:
-    """:func:`layer_norm_autodiff` with a hand-written backward: ``dx = rstd * (g - mean(g)
-    - xhat * mean(g * xhat))`` with ``g = dy * scale``; ``dscale = sum dy * xhat``, ``dbias =
-    sum dy`` over the rows. Same forward ops, so the same outputs.
-
-    ``dx`` passes a ``lax.cond`` fence (:func:`_fence`; ``LN_FENCE``). Without it XLA:CPU duplicates element-wise producers into every consumer along the residual
-    stream: the fusion that makes one layer's ``dx`` recomputes the forward ``xhat`` chains
-    and the later layers' ``dx`` from the matmul outputs (fusions of 300-500 ops and ~120
-    operands per layer with a frozen base, quadratic in depth). ~1.2x per LoRA / adapter
-    step on all-MiniLM-L6-v2 (``benchmarks/results/layernorm_vjp.txt``)."""
-    return _LN_VJPS[LN_FENCE](x, scale, bias, float(eps))
+def default_ln_fence() -> str:
+    """``"dx"`` on the CPU backend (where it pays: see :func:`layer_norm`), else ``"none"``
+    (a ``lax.cond`` whose predicate reads one element would be a sync point on sharded
+    activations, for a fusion problem seen only on XLA:CPU)."""
+    return "dx" if jax.default_backend() == "cpu" else "none"
 
 
-# the LayerNorm core used by :class:`LayerNorm` (non-RMS); swapped by benchmarks/layernorm_vjp.py
-layer_norm = layer_norm_custom_vjp
+def layer_norm(x: Array, scale: Array, bias: Optional[Array], eps: float,
+               fence: Optional[str] = None) -> Array:
+    """LayerNorm over the last axis, ``x [..., d]`` fp32, with a hand-written backward:
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * scale``; ``dscale =
+    sum dy * xhat``, ``dbias = sum dy`` over the rows. Same forward ops as
+    :func:`layer_norm_autodiff`, so the same outputs.
+
+    ``fence`` (default :func:`default_ln_fence`): where a ``lax.cond`` fusion fence goes
+    (:func:`_fence`; ``none`` / ``res`` / ``dx`` / ``both``). Without the ``dx`` fence
+    XLA:CPU duplicates element-wise producers into every consumer along the residual stream:
+    the fusion that makes one layer's ``dx`` recomputes the forward ``xhat`` chains and the
+    later layers' ``dx`` from the matmul outputs (fusions of 300-500 ops and ~120 operands
+    per layer with a frozen base, quadratic in depth). ~1.2x per LoRA / adapter step on
+    all-MiniLM-L6-v2 (``benchmarks/layernorm_vjp.py``)."""
+    return _LN_VJPS[fence or default_ln_fence()](x, scale, bias, float(eps))
 
 
 def rotate_half(x: Array) -> Array:
