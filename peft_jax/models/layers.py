@@ -25,6 +25,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -256,14 +257,96 @@ class LayerNorm(nn.Module):
             y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
             # T5/Llama cast back to the compute dtype before scaling.
             return jnp.asarray(scale, self.dtype) * y.astype(self.dtype)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * jnp.asarray(scale, jnp.float32)
+        bias = None
         if self.use_bias:
-            bias = self.param("bias", _init(nn.initializers.zeros, ("embed",)), (d,),
-                              self.param_dtype)
-            y = y + jnp.asarray(bias, jnp.float32)
+            bias = jnp.asarray(self.param("bias", _init(nn.initializers.zeros, ("embed",)), (d,),
+                                          self.param_dtype), jnp.float32)
+        y = layer_norm(xf, jnp.asarray(scale, jnp.float32), bias, self.eps)
         return y.astype(self.dtype)
+
+
+def layer_norm_autodiff(x: Array, scale: Array, bias: Optional[Array], eps: float) -> Array:
+    """LayerNorm over the last axis (two-pass mean/var), differentiated by JAX."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * scale
+    return y if bias is None else y + bias
+
+
+def _ln_fwd_parts(x, scale, eps):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    return (x - mean) * rstd, rstd
+
+
+def _fence(tree: Any, rstd: Array) -> Any:
+    """``tree`` through a ``lax.cond``: a fusion boundary that XLA keeps (it drops
+    ``optimization_barrier`` before fusion on CPU). The predicate is false only when the first
+    row's ``rstd`` is NaN; that branch adds the NaN to ``tree``'s first leaf (any NaN input row
+    makes the loss NaN either way)."""
+    r0 = rstd.reshape(-1)[0]
+    return jax.lax.cond(r0 >= 0, lambda t: t,
+                        lambda t: jax.tree_util.tree_map(lambda a: a + r0.astype(a.dtype), t),
+                        tree)
+
+
+def _make_layer_norm_vjp(fence: str):
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def ln(x, scale, bias, eps):
+        xhat, _ = _ln_fwd_parts(x, scale, eps)
+        y = xhat * scale
+        return y if bias is None else y + bias
+
+    def fwd(x, scale, bias, eps):
+        xhat, rstd = _ln_fwd_parts(x, scale, eps)
+        if fence in ("res", "both"):
+            xhat, rstd = _fence((xhat, rstd), rstd)
+        y = xhat * scale
+        return (y if bias is None else y + bias), (xhat, rstd, scale, bias)
+
+    def bwd(eps, res, dy):
+        xhat, rstd, scale, bias = res
+        g = dy * scale
+        dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                     - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        if fence in ("dx", "both"):
+            dx = _fence(dx, rstd)
+        rows = tuple(range(dy.ndim - 1))
+        dscale = jnp.sum(dy * xhat, axis=rows)
+        dbias = None if bias is None else jnp.sum(dy, axis=rows)
+        return dx, dscale, dbias
+
+    ln.defvjp(fwd, bwd)
+    return ln
+
+
+LN_FENCES = ("none", "res", "dx", "both")
+_LN_VJPS = {f: _make_layer_norm_vjp(f) for f in LN_FENCES}
+
+
+def default_ln_fence() -> str:
+    """``"dx"`` on the CPU backend (where it pays: see :func:`layer_norm`), else ``"none"``
+    (a ``lax.cond`` whose predicate reads one element would be a sync point on sharded
+    activations, for a fusion problem seen only on XLA:CPU)."""
+    return "dx" if jax.default_backend() == "cpu" else "none"
+
+
+def layer_norm(x: Array, scale: Array, bias: Optional[Array], eps: float,
+               fence: Optional[str] = None) -> Array:
+    """LayerNorm over the last axis, ``x [..., d]`` fp32, with a hand-written backward:
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * scale``; ``dscale =
+    sum dy * xhat``, ``dbias = sum dy`` over the rows. Same forward ops as
+    :func:`layer_norm_autodiff`, so the same outputs.
+
+    ``fence`` (default :func:`default_ln_fence`): where a ``lax.cond`` fusion fence goes
+    (:func:`_fence`; ``none`` / ``res`` / ``dx`` / ``both``). Without the ``dx`` fence
+    XLA:CPU duplicates element-wise producers into every consumer along the residual stream:
+    the fusion that makes one layer's ``dx`` recomputes the forward ``xhat`` chains and the
+    later layers' ``dx`` from the matmul outputs (fusions of 300-500 ops and ~120 operands
+    per layer with a frozen base, quadratic in depth). ~1.2x per LoRA / adapter step on
+    all-MiniLM-L6-v2 (``benchmarks/layernorm_vjp.py``)."""
+    return _LN_VJPS[fence or default_ln_fence()](x, scale, bias, float(eps))
 
 
 def rotate_half(x: Array) -> Array:
