@@ -141,6 +141,42 @@ def fixed_batch(folder: str, batch: int, seq: int, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels[:batch].astype(np.int32)}
 
 
+def compiled_step(folder: str, method: str, host: dict, context: Any = None) -> list:
+    """``[compiled step, state, frozen, batch]`` of one method, traced and compiled inside
+    ``context`` (a context manager that swaps an implementation; ``None``: as is)."""
+    import contextlib
+
+    import jax
+
+    with context if context is not None else contextlib.nullcontext():
+        _, state, frozen, step, _ = setup(folder, method, common.MethodHParams(), False, "none",
+                                          host)
+        batch, frozen, state = jax.device_put(host), jax.device_put(frozen), jax.device_put(state)
+        compiled = step.lower(state, frozen, batch).compile()
+    return [compiled, state, frozen, batch]
+
+
+def time_in_turns(runs: dict, steps: int) -> tuple[dict, dict]:
+    """Steps the compiled runs (name -> :func:`compiled_step` list) in turns, A B C A B C ...,
+    ``steps + 1`` rounds, the first untimed, so all see the same machine load. Returns
+    (median s/step, the loss of every step) per name."""
+    import jax
+
+    times = {n: [] for n in runs}
+    losses = {n: [] for n in runs}
+    for i in range(steps + 1):
+        for n, r in runs.items():
+            step, state, frozen, batch = r
+            t0 = time.perf_counter()
+            state, metrics = step(state, frozen, batch)
+            jax.block_until_ready((state, metrics))
+            if i:
+                times[n].append(time.perf_counter() - t0)
+            r[1] = state
+            losses[n].append(float(metrics["loss"]))
+    return {n: common.median(t) for n, t in times.items()}, losses
+
+
 def xla_flops(step, *args) -> float:
     """FLOPs of the step's (unoptimized) HLO from XLA's cost analysis, or NaN."""
     try:

@@ -28,7 +28,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -86,18 +85,6 @@ def variant(name: str):
         layers.layer_norm, layers.gelu_erf = saved
 
 
-def compiled_step(folder: str, method: str, host: dict, name: str):
-    """(compiled step, state, frozen, batch) of one method under one variant."""
-    import jax
-
-    hp = common.MethodHParams()
-    with variant(name):
-        _, state, frozen, step, _ = jax_worker.setup(folder, method, hp, False, "none", host)
-        batch, frozen, state = jax.device_put(host), jax.device_put(frozen), jax.device_put(state)
-        compiled = step.lower(state, frozen, batch).compile()
-    return compiled, state, frozen, batch
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minilm")
@@ -109,9 +96,6 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peft_jax_bench"))
     p.add_argument("--data-dir", default=common.DEFAULT_DATA)
     a = p.parse_args(argv)
-
-    import jax
-
     names = a.variants.split(",")
     base = names[0]
     folder = os.path.join(a.cache_dir, a.model)
@@ -121,20 +105,8 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()[0]
     rows = []
     for method in a.methods.split(","):
-        runs = {n: list(compiled_step(folder, method, host, n)) for n in names}
-        times = {n: [] for n in runs}
-        losses = {n: [] for n in runs}
-        for i in range(a.steps + 1):
-            for n, r in runs.items():
-                step, state, frozen, batch = r
-                t0 = time.perf_counter()
-                state, metrics = step(state, frozen, batch)
-                jax.block_until_ready((state, metrics))
-                if i:
-                    times[n].append(time.perf_counter() - t0)
-                r[1] = state
-                losses[n].append(float(metrics["loss"]))
-        med = {n: common.median(t) for n, t in times.items()}
+        runs = {n: jax_worker.compiled_step(folder, method, host, variant(n)) for n in names}
+        med, losses = jax_worker.time_in_turns(runs, a.steps)
         for n in names:
             dl = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(losses[n], losses[base]))
             rows.append((method, n, med[n], med[base] / med[n], losses[n][0], losses[n][-1], dl))

@@ -20,7 +20,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -51,18 +50,6 @@ def matmul_3d():
             m.matmul = f
 
 
-def compiled_step(folder: str, method: str, host: dict, three_d: bool):
-    """(compiled step, state, frozen, batch) of one method, the 3-D or the 2-D form."""
-    import jax
-
-    hp = common.MethodHParams()
-    with matmul_3d() if three_d else contextlib.nullcontext():
-        _, state, frozen, step, _ = jax_worker.setup(folder, method, hp, False, "none", host)
-        batch, frozen, state = jax.device_put(host), jax.device_put(frozen), jax.device_put(state)
-        compiled = step.lower(state, frozen, batch).compile()
-    return compiled, state, frozen, batch
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minilm")
@@ -73,29 +60,17 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peft_jax_bench"))
     p.add_argument("--data-dir", default=common.DEFAULT_DATA)
     a = p.parse_args(argv)
-
-    import jax
-
     folder = os.path.join(a.cache_dir, a.model)
     ensure_prepared(a.model, folder, max(a.batch, 64), False, a.data_dir)
     spec = prep.load_spec(folder)
     host = jax_worker.fixed_batch(folder, a.batch, a.seq, spec["pad_id"])
     rows = []
     for method in a.methods.split(","):
-        runs = {form: list(compiled_step(folder, method, host, form == "3d")) for form in ("2d", "3d")}
-        times = {form: [] for form in runs}
-        losses = {}
-        for i in range(a.steps + 1):
-            for form, r in runs.items():
-                step, state, frozen, batch = r
-                t0 = time.perf_counter()
-                state, metrics = step(state, frozen, batch)
-                jax.block_until_ready((state, metrics))
-                if i:
-                    times[form].append(time.perf_counter() - t0)
-                r[1] = state
-                losses.setdefault(form, float(metrics["loss"]))
-        med = {f: common.median(t) for f, t in times.items()}
+        runs = {form: jax_worker.compiled_step(folder, method, host,
+                                               matmul_3d() if form == "3d" else None)
+                for form in ("2d", "3d")}
+        med, all_losses = jax_worker.time_in_turns(runs, a.steps)
+        losses = {form: ls[0] for form, ls in all_losses.items()}
         rows.append((method, med["2d"], med["3d"], med["3d"] / med["2d"], losses["2d"], losses["3d"]))
         print(f"[{method}] 2d {med['2d']:.3f} s  3d {med['3d']:.3f} s", flush=True)
     print(f"{a.model}, batch {a.batch} x {a.seq}, fp32, median of {a.steps} alternating steps "

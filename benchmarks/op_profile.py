@@ -378,19 +378,9 @@ def jax_worker(a) -> dict:
 def torch_worker(a) -> dict:
     import torch
 
-    import prepare as prep
     import torch_worker as tw
 
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    hp = common.MethodHParams()
-    spec = prep.load_spec(a.folder)
-    rows, labels = prep.load_tokens(a.folder)
-    ids, mask = common.pad_batch(rows[: a.batch], a.seq, spec["pad_id"])
-    batch = tw.to_torch({"input_ids": ids, "attention_mask": mask, "labels": labels[: a.batch]},
-                        spec["kind"])
-    model, params = tw.build(a.folder, spec, a.method, hp)
-    opt = tw.make_optimizer(params, hp.learning_rate)
+    _, _, model, _, opt, batch = tw.step_setup(a)
     for _ in range(a.warmup):
         tw.train_step(model, opt, batch, False)
     times = []

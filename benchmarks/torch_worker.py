@@ -138,7 +138,10 @@ def opt_state_bytes(opt) -> int:
                    if torch.is_tensor(v)))
 
 
-def run_steps(a) -> dict:
+def step_setup(a) -> tuple:
+    """(spec, hp, model, trainable params, optimizer, the fixed batch) of ``--mode step``:
+    ``a.threads`` torch threads, seed 0, the first ``a.batch`` prepared rows padded to
+    ``a.seq``."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -150,7 +153,11 @@ def run_steps(a) -> dict:
     batch = to_torch({"input_ids": ids, "attention_mask": mask, "labels": labels[: a.batch]},
                      spec["kind"])
     model, params = build(a.folder, spec, a.method, hp)
-    opt = make_optimizer(params, hp.learning_rate)
+    return spec, hp, model, params, make_optimizer(params, hp.learning_rate), batch
+
+
+def run_steps(a) -> dict:
+    spec, hp, model, params, opt, batch = step_setup(a)
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
