@@ -47,6 +47,7 @@ import common  # noqa: E402
 import e2e_jax  # noqa: E402
 
 TORCH, JAX, JAX_WARM = "torch + HF PEFT", "peft_jax", "peft_jax, 2nd run (warm compile cache)"
+JAX_VEC, JAX_VEC_WARM = "peft_jax --vectorize", "peft_jax --vectorize, 2nd run (warm compile cache)"
 # what the torch worker implements (anything else in the run config stops the script)
 SUPPORTED = {"peft.methods": "head,lora", "model.pooling": "mean", "peft.lora.init_a": "kaiming",
              "peft.lora.use_rslora": False, "peft.lora.targets": r".*/(query|value)$",
@@ -237,7 +238,9 @@ def main(argv=None) -> int:
     for f in ("steps", "lr", "batch_size", "eval_every", "test_examples", "max_length"):
         default = Budget.__dataclass_fields__[f].default
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
-    p.add_argument("--stacks", default="torch,jax", help="comma list of torch, jax")
+    p.add_argument("--stacks", default="torch,jax",
+                   help="comma list of torch, jax, jax_vectorized (the seeds as one program: "
+                        "`fewshot --vectorize`, its own compile cache)")
     p.add_argument("--warm", action="store_true", help="add a 2nd peft_jax run (warm cache)")
     p.add_argument("--torch-threads", default="0,1",
                    help="comma list: one torch row per thread count (0: torch's default); "
@@ -278,6 +281,14 @@ def main(argv=None) -> int:
         if a.warm:
             results[JAX_WARM] = run_worker("e2e_jax.py", jax_args + [
                 "--workdir", os.path.join(workdir, "jax_warm")], a.timeout)
+    if "jax_vectorized" in stacks:
+        vec_args = [x if x != os.path.join(workdir, "xla_cache") else os.path.join(workdir, "xla_cache_vec")
+                    for x in jax_args] + ["--vectorize"]
+        results[JAX_VEC] = run_worker("e2e_jax.py", vec_args + ["--workdir", os.path.join(workdir, "jax_vec")],
+                                      a.timeout)
+        if a.warm:
+            results[JAX_VEC_WARM] = run_worker("e2e_jax.py", vec_args + [
+                "--workdir", os.path.join(workdir, "jax_vec_warm")], a.timeout)
     load_after = uptime()
 
     rows = [summarize(name, res, expected) for name, res in results.items()]

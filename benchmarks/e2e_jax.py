@@ -1,7 +1,7 @@
 """The few-shot protocol with peft_jax, in its own process; prints ``RESULT {json}``. Run by
 ``e2e_fewshot.py``.
 
-Exactly ``peft-jax fewshot --method <method>``'s path: the persistent compilation cache on
+Exactly ``peft-jax fewshot --method <method> [--vectorize]``'s path: the persistent compilation cache on
 (the CLI's default; here the folder ``--compile-cache`` names, so a cold cache is a fresh
 folder), the base loaded once, then per seed :func:`peft_jax.fewshot.methods.train` on
 :func:`~peft_jax.fewshot.methods.method_config` (runner: encode, train with dev selection
@@ -87,7 +87,8 @@ def dev_history(workdir: str) -> list:
 def run(a) -> dict:
     marks = {"start": T_START}
     from peft_jax import compile_cache
-    from peft_jax.fewshot.methods import Budget, method_config, train
+    from peft_jax.fewshot.methods import Budget, method_config, train, with_test_calibration
+    from peft_jax.runner.vectorized import run_vectorized
     from peft_jax.models.registry import load_pretrained
     from peft_jax.programs import ProgramCache
     marks["imports"] = time.time()
@@ -97,10 +98,15 @@ def run(a) -> dict:
     pre = load_pretrained(a.model)
     marks["load"] = time.time()
     runs, seeds, programs = [], [], ProgramCache()   # as run_methods: seeds share programs
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        cfg = method_config(a.method, a.task, seed, a.model, budget, a.workdir)
+    seed_list = [int(s) for s in a.seeds.split(",")]
+    cfgs = [method_config(a.method, a.task, seed, a.model, budget, a.workdir) for seed in seed_list]
+    # --vectorize: as `fewshot --vectorize`, the seeds as one vmapped program (trained here;
+    # the per-seed rows below then take no time and show no compilation)
+    vectorized = ([with_test_calibration(cfg, res) for cfg, res in zip(cfgs, run_vectorized(cfgs, pre))]
+                  if a.vectorize else None)
+    for k, (seed, cfg) in enumerate(zip(seed_list, cfgs)):
         before = dict(compile_s)
-        res = train(cfg, pre, programs=programs)
+        res = vectorized[k] if vectorized else train(cfg, pre, programs=programs)
         runs.append((cfg, res))
         r = res.row
         seeds.append(dict(seed=seed, test_accuracy=r["test"]["accuracy"],
@@ -129,6 +135,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget", required=True, help="JSON of peft_jax.fewshot.methods.Budget fields")
     p.add_argument("--workdir", required=True)
     p.add_argument("--compile-cache", default="", help="'' disables the persistent cache")
+    p.add_argument("--vectorize", action="store_true",
+                   help="the seeds as one vectorized program (`peft-jax fewshot --vectorize`)")
     a = p.parse_args(argv)
     common.run_guarded(lambda: run(a), stack="peft_jax")
 

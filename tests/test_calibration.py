@@ -104,3 +104,30 @@ def test_zero_shot_and_trained_rows_carry_calibration(tiny_mlm, tmp_path):
                             **{**over, "train.steps": 2, "train.eval_every": 1}), None)
     assert {"accuracy", "ece", "accuracy_cc", "ece_cc"} <= set(res.row["test"])
     assert 0.0 <= res.row["test"]["ece"] <= 1.0 and res.row["reliability"]["raw"]["count"]
+
+
+def test_test_calibration_reuses_the_runs_test_scores(tiny_mlm, tmp_path):
+    """The runner's test pass hands its scores to the calibration (one pass over the test
+    subset, not two): they equal a fresh prediction of the selected tree, and the
+    calibration from them equals the calibration that predicts again."""
+    from peft_jax.fewshot.methods import test_calibration, train
+    from peft_jax.runner.data import load_examples
+
+    model, task = tiny_mlm
+    over = {"task.format": "verbalizer", "task.template": "{text} It was {mask} .",
+            "task.label_words": "bad,good", "task.test_split": "dev",
+            "task.max_test_examples": 12, "train.best_metric": "accuracy",
+            "train.steps": 2, "train.eval_every": 1}
+    res = train(tiny_config(model, task, str(tmp_path / "p"), methods="lora", **over), None)
+    s, cfg = res.session, res.session.exp.cfg
+    test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples)
+    assert res.test_scores is not None and res.test_scores.shape == (12, 2)
+    np.testing.assert_allclose(res.test_scores, s.predict_scores(res.selected, test), rtol=0, atol=1e-6)
+    again = test_calibration(s, res.selected, test)
+    reused = test_calibration(s, res.selected, test, res.test_scores)
+    assert again.pop("reliability") == reused.pop("reliability")
+    assert again == pytest.approx(reused, abs=1e-6)
+    assert res.row["test"]["accuracy"] == pytest.approx(
+        float(np.mean(res.test_scores.argmax(-1) == [ex["label"] for ex in test])))
+    with pytest.raises(ValueError, match="scores for"):
+        test_calibration(s, res.selected, test, res.test_scores[:5])

@@ -59,22 +59,28 @@ def test_e2e_fewshot_tiny_budget(tmp_path, shared_data, minilm_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the test session's fake devices are not needed here
     out, raw = tmp_path / "e2e.md", tmp_path / "e2e.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_fewshot.py"), "--seeds", "13",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_fewshot.py"), "--seeds", "13,21",
            "--steps", "2", "--eval-every", "1", "--test-examples", "16", "--torch-threads", "1",
+           "--stacks", "torch,jax,jax_vectorized",
            "--workdir", str(tmp_path / "work"), "--out", str(out), "--json", str(raw)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = _rows(out.read_text())
-    assert set(rows) == {e2e_fewshot.TORCH, e2e_fewshot.JAX}
+    assert set(rows) == {e2e_fewshot.TORCH, e2e_fewshot.JAX, e2e_fewshot.JAX_VEC}
     for r in rows.values():
-        assert r["seeds"] == "1"
+        assert r["seeds"] == "2"
         acc = float(re.match(r"([\d.]+) \(", r["test accuracy, mean (std)"]).group(1)) / 100
         assert 0.0 <= acc <= 1.0
         assert float(r["wall s"]) > 0
         assert r["same data (train/dev/test)"] == "yes/yes/yes", r
     res = json.loads(raw.read_text())["results"]
-    (t,), (j,) = res[e2e_fewshot.TORCH]["seeds"], res[e2e_fewshot.JAX]["seeds"]
+    (t, _), (j, _) = res[e2e_fewshot.TORCH]["seeds"], res[e2e_fewshot.JAX]["seeds"]
     assert t["ids"] == j["ids"]
+    for v, q in zip(res[e2e_fewshot.JAX_VEC]["seeds"], res[e2e_fewshot.JAX]["seeds"]):
+        # the vectorized seeds: the same data and the sequential seeds' results
+        assert v["ids"] == q["ids"]
+        assert (v["selected_step"], v["test_accuracy"], v["dev_accuracy"]) == \
+            (q["selected_step"], q["test_accuracy"], q["dev_accuracy"])
     assert [len(b) for b in t["ids"]["train"]] == [8, 8]   # 2 steps of batch 8
     assert len(t["ids"]["dev"]) == 32 and len(t["ids"]["test"]) == 16
     for r in (t, j):   # the selected step is one of the evaluated steps

@@ -97,6 +97,23 @@ def test_stacked_batches_pad_token_features_with_their_pad_value():
     np.testing.assert_array_equal(out["input_ids"][1], b["input_ids"])
 
 
+def test_shared_splits_are_bucketed_and_different_ones_are_not(tiny, tmp_path):
+    """Evaluation buckets apply only when every run has the same rows (the fixed test
+    subset): then the K batches of a call share one length."""
+    from peft_jax.data.tokenize import Encoded
+    from peft_jax.runner.vectorized import same_rows
+
+    def enc(rows, labels):
+        return Encoded(features={"input_ids": [np.array(r, np.int32) for r in rows]},
+                       scalars={"label": np.array(labels)})
+
+    a = enc([[1, 2], [3, 4, 5]], [0, 1])
+    assert same_rows([a, enc([[1, 2], [3, 4, 5]], [0, 1]), a])
+    assert not same_rows([a, enc([[1, 2], [3, 4, 6]], [0, 1])])
+    assert not same_rows([a, enc([[1, 2], [3, 4, 5]], [1, 1])])
+    assert not same_rows([a, enc([[1, 2]], [0])])
+
+
 def test_hash_dropout_masks_stay_put_when_a_tensor_is_padded():
     from peft_jax.models.layers import dropout_keep_mask
 

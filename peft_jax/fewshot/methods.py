@@ -210,8 +210,8 @@ def untrained(cfg, pre: Any, programs: Optional[ProgramCache] = None) -> dict:
     test calibration (``ece``; content-free calibrated ``accuracy_cc`` / ``ece_cc``)."""
     s = setup(cfg, pre, programs=programs)
     test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples, 0)
-    metrics = s.evaluate(s.state.trainable, encode_split(s.exp, test))
-    cal = test_calibration(s, s.state.trainable, test)
+    metrics, scores = s.evaluate_scored(s.state.trainable, encode_split(s.exp, test))
+    cal = test_calibration(s, s.state.trainable, test, scores)
     reliability = cal.pop("reliability", None)
     metrics.update(cal)
     return {"metrics": s.evaluate(s.state.trainable), "test": metrics, "trainable_params": 0,
@@ -224,17 +224,23 @@ def content_free_examples(task: Any) -> list[dict]:
     return [{**{f: cf for f in task.text_fields}, "label": 0} for cf in CONTENT_FREE]
 
 
-def test_calibration(s: Any, trainable: Any, test: list) -> dict:
+def test_calibration(s: Any, trainable: Any, test: list, scores: Optional[np.ndarray] = None
+                     ) -> dict:
     """``ece`` of the test predictions; for prompt (verbalizer) formats also the
     contextually calibrated ``accuracy_cc`` / ``ece_cc`` (same prompt, demonstrations
     included, with content-free inputs); ``reliability``: the diagram's bins (lists), before
-    (and after) calibration. Empty for regression tasks."""
+    (and after) calibration. Empty for regression tasks. ``scores``: ``trainable``'s class
+    scores ``[n, C]`` on ``test`` where the caller already has them (its test evaluation),
+    else predicted here."""
     from peft_jax.fewshot.calibration import (calibration_metrics, content_free_prior,
                                               contextual_calibrate, label_probs, reliability)
 
     if s.exp.cfg.task.format == "regression":
         return {}
-    scores = s.predict_scores(trainable, test)
+    if scores is None:
+        scores = s.predict_scores(trainable, test)
+    elif len(scores) != len(test):
+        raise ValueError(f"test_calibration: {len(scores)} scores for {len(test)} test examples")
     cf = None
     if s.exp.cfg.task.format == "verbalizer":
         cf = s.predict_scores(trainable, content_free_examples(s.exp.task))
@@ -254,7 +260,7 @@ def with_test_calibration(cfg, res: RunResult) -> RunResult:
     merged into ``res.row["test"]`` (the test subset ``run_experiment`` used)."""
     s = res.session
     test = load_examples(s.exp, cfg.task.test_split, cfg.task.max_test_examples)
-    cal = test_calibration(s, res.selected, test)
+    cal = test_calibration(s, res.selected, test, res.test_scores)
     res.row["reliability"] = cal.pop("reliability", None)
     res.row["test"] = {**res.row.get("test", {}), **cal}
     return res

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peft_jax.models.stack import unstack_layers
 from peft_jax.parallel import distributed
@@ -57,13 +58,17 @@ BASELINE_COPY_FRACTION = 0.1
 @dataclasses.dataclass
 class RunResult:
     """What a run produced: ``row`` (the JSON row written to ``result.json``) and the live
-    objects (final state, frozen tree, the selected trainable tree, the session)."""
+    objects (final state, frozen tree, the selected trainable tree, the session);
+    ``test_scores``: the selected tree's scores on the test subset, row order (``[n, C]``,
+    or ``[n]`` for regression), when this process tested it (not for a finished run found
+    on disk)."""
 
     row: dict
     state: Any
     frozen: Any
     selected: Any
     session: Session
+    test_scores: Optional[np.ndarray] = None
 
 
 def run_experiment(cfg, pretrained: Any = None, on_step: Optional[Callable[[int], None]] = None,
@@ -183,11 +188,13 @@ def _run(cfg, pretrained: Any, on_step: Optional[Callable[[int], None]], clock: 
         selected, step = select(cfg, s, selected)
         if step is not None:
             row["selected_step"] = step
+    test_scores = None
     if loop.status == "finished" and cfg.task.test_split:
-        row["test"] = s.evaluate(selected, encoded_test_split(cfg, s))
+        row["test"], test_scores = s.evaluate_scored(selected, encoded_test_split(cfg, s))
     if main:
         save_outputs(cfg, exp, row, selected, frozen)
-    return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s)
+    return RunResult(row=row, state=loop.state, frozen=frozen, selected=selected, session=s,
+                     test_scores=test_scores)
 
 
 def select(cfg, s: Session, last: Any) -> tuple[Any, Optional[int]]:

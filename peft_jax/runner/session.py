@@ -89,20 +89,28 @@ class Session:
 
         text_to_text (``task.eval_mode``): rank classification (the task's metrics of the
         best-scoring class target) and/or greedy generation (``exact_match``)."""
+        return self.evaluate_scored(trainable, encoded)[0]
+
+    def evaluate_scored(self, trainable: Any, encoded: Any = None
+                        ) -> tuple[dict, Optional[np.ndarray]]:
+        """:meth:`evaluate`'s metrics and the scores they came from (``[n, C]`` class
+        scores or ``[n]`` regression values, row order; None where generation alone
+        scores): one pass, so a caller that also wants the scores (calibration) does not
+        predict the split twice."""
         encoded = self.eval_enc if encoded is None else encoded
         cfg = self.exp.cfg
         if cfg.task.format != "text_to_text":
             y, lab = self.predict_rows(trainable, encoded)
-            return task_metrics(self.exp.task, cfg.task.format, y, lab)
-        out = {}
+            return task_metrics(self.exp.task, cfg.task.format, y, lab), y
+        out, scores = {}, None
         if cfg.task.eval_mode in ("both", "rank") and self.spec.label_word_ids:
-            y, lab = self.predict_rows(trainable, encoded)
-            out.update(task_metrics(self.exp.task, cfg.task.format, y, lab))
+            scores, lab = self.predict_rows(trainable, encoded)
+            out.update(task_metrics(self.exp.task, cfg.task.format, scores, lab))
         if cfg.task.eval_mode in ("both", "generate"):
             out["exact_match"] = exact_match_encoded(
                 self.exp.model, self.spec, self.ts.variables, self.exp.pre.tokenizer, trainable,
                 self.frozen, encoded, self.shard, cfg.train.eval_batch_size, tuple(cfg.train.buckets))
-        return out
+        return out, scores
 
     def predict_scores(self, trainable: Any, examples: list) -> np.ndarray:
         """Class scores ``[n, C]`` (or regression values ``[n]``) of ``examples``, in order."""

@@ -213,13 +213,29 @@ def shared_sessions(cfgs: Sequence[Any], pretrained: Any, clock: Optional[PhaseC
     return sessions
 
 
+def same_rows(encodeds: Sequence[Any]) -> bool:
+    """Whether the runs' encoded splits hold the same rows (e.g. the one fixed test subset
+    every seed is tested on): equal token features, targets and scalars, in order."""
+    def equal(a: Any, b: Any) -> bool:   # ragged lists of 1-d arrays, or [n, ...] arrays
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    first = encodeds[0]
+    fields = lambda e: {**e.features, **e.targets, **e.scalars}
+    return all(e is first or (fields(e).keys() == fields(first).keys() and all(
+        equal(v, fields(first)[k]) for k, v in fields(e).items())) for e in encodeds[1:])
+
+
 def predict_runs(vpredict: Any, trainables: Any, frozen: Any, encodeds: Sequence[Any],
-                 batch_size: int, pads: Mapping[str, int], mesh: Any
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+                 batch_size: int, pads: Mapping[str, int], mesh: Any,
+                 buckets: Optional[tuple] = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(scores, labels) of every row of each run's split, in row order: run k's stacked
     ``trainables[k]`` on ``encodeds[k]``, all runs in one vmapped call per batch. A run
-    with fewer batches gets masked filler rows."""
-    iters = [iter(make_batches(e, batch_size, buckets=None, shuffle=False, drop_remainder=False,
+    with fewer batches gets masked filler rows. ``buckets`` (the runs' length buckets)
+    apply when every run has the same rows, so the K batches of a call share a length;
+    splits that differ are batched at their full length (one shape per split: bucketing
+    them would pad every call to the longest run's bucket and add partial batches)."""
+    buckets = buckets if buckets and same_rows(encodeds) else None
+    iters = [iter(make_batches(e, batch_size, buckets=buckets, shuffle=False, drop_remainder=False,
                                num_epochs=1)) for e in encodeds]
     parts = [([], [], [], []) for _ in encodeds]
     while True:
@@ -239,16 +255,19 @@ def predict_runs(vpredict: Any, trainables: Any, frozen: Any, encodeds: Sequence
 
 
 def evaluate_runs(sessions: Sequence[Session], vpredict: Any, trainables: Any, frozen: Any,
-                  encodeds: Sequence[Any], pads: Mapping[str, int]) -> list[dict]:
-    """Each run's task metrics on its split (:meth:`Session.evaluate`'s, vectorized;
-    text-to-text generation is evaluated run by run)."""
+                  encodeds: Sequence[Any], pads: Mapping[str, int]
+                  ) -> list[tuple[dict, Optional[np.ndarray]]]:
+    """Each run's task metrics on its split and the scores they came from
+    (:meth:`Session.evaluate_scored`'s, vectorized; text-to-text generation is evaluated
+    run by run)."""
     cfg = sessions[0].exp.cfg
     if cfg.task.format == "text_to_text" and cfg.task.eval_mode != "rank":
-        return [s.evaluate(run_slice(trainables, k), e)
+        return [s.evaluate_scored(run_slice(trainables, k), e)
                 for k, (s, e) in enumerate(zip(sessions, encodeds))]
     preds = predict_runs(vpredict, trainables, frozen, encodeds, cfg.train.eval_batch_size, pads,
-                         sessions[0].mesh)
-    return [task_metrics(s.exp.task, cfg.task.format, y, lab) for s, (y, lab) in zip(sessions, preds)]
+                         sessions[0].mesh, tuple(cfg.train.buckets))
+    return [(task_metrics(s.exp.task, cfg.task.format, y, lab), y)
+            for s, (y, lab) in zip(sessions, preds)]
 
 
 @dataclasses.dataclass
@@ -297,7 +316,8 @@ def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> 
     vpredict = jax.jit(jax.vmap(make_eval_step(make_predict_fn(s0.exp.model, s0.spec),
                                                s0.ts.variables), in_axes=(0, FROZEN_AXES, 0)))
     pads = pad_ids(s0.train_enc)
-    evaluate = lambda tr, encs: evaluate_runs(sessions, vpredict, tr, frozen, encs, pads)
+    evaluate_scored = lambda tr, encs: evaluate_runs(sessions, vpredict, tr, frozen, encs, pads)
+    evaluate = lambda tr, encs: [m for m, _ in evaluate_scored(tr, encs)]
     main = jax.process_index() == 0
     print(f"[peft_jax] {n} runs vectorized: {s0.exp.base_id}, methods="
           f"{[m.name for m in s0.exp.methods]}, trainable={tree_size(s0.state.trainable):,} "
@@ -347,8 +367,8 @@ def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> 
     train_wall = time.perf_counter() - t0
     selected = stack([b.trainable if b.step is not None else run_slice(state.trainable, k)
                       for k, b in enumerate(best)])
-    tests = ([{}] * n if not cfgs[0].task.test_split else
-             evaluate(selected, [encoded_test_split(cfg, s) for cfg, s in zip(cfgs, sessions)]))
+    tests = ([({}, None)] * n if not cfgs[0].task.test_split else
+             evaluate_scored(selected, [encoded_test_split(cfg, s) for cfg, s in zip(cfgs, sessions)]))
     wall = time.perf_counter() - t_start
     results = []
     for k, (cfg, s) in enumerate(zip(cfgs, sessions)):
@@ -365,11 +385,11 @@ def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> 
         if best[k].step is not None:
             row["selected_step"] = best[k].step
         if cfg.task.test_split:
-            row["test"] = tests[k]
+            row["test"] = tests[k][0]
         mine = run_slice(selected, k)
         if main:
             save_outputs(cfg, s.exp, row, mine, s.frozen)
         own = run_slice(state, k)   # its own optimizer's state (without the lr scale)
         results.append(RunResult(row=row, state=own.replace(opt_state=own.opt_state[0]), frozen=s.frozen,
-                                 selected=mine, session=s))
+                                 selected=mine, session=s, test_scores=tests[k][1]))
     return results
