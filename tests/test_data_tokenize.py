@@ -178,3 +178,35 @@ def test_text_to_text_targets(shared_data):
     enc = encode_text_to_text(ex, t5, task, template="{sentence} it was {mask} .")
     assert t5.decode(enc.features["input_ids"][0]) == "the film was good it was <extra_id_0> . </s>"
     assert t5.decode(enc.targets["targets"][0]) == "great </s>"
+
+
+def test_named_tokenizer_class_equals_autotokenizer(shared_data, minilm_path, tmp_path):
+    """A folder whose tokenizer_config.json names its class loads with that class directly
+    (no AutoConfig lookup): the same class, tokens and special ids as AutoTokenizer, on
+    real sentences; folders without tokenizer.json or with custom code go to AutoTokenizer."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peft_jax.models.tokenizer import load_tokenizer, named_class
+
+    texts = [ex["sentence"] for ex in get_task("lmbff/sst2").load("test")[:300]]
+    texts += ["Héllo  WORLD ", "It was [MASK].", "", "a\tb\nc"]
+    ours, ref = load_tokenizer(minilm_path), AutoTokenizer.from_pretrained(minilm_path)
+    assert named_class(minilm_path) is not None and type(ours) is type(ref)
+    assert ours(texts)["input_ids"] == ref(texts)["input_ids"]
+    assert ours(texts[:20], texts[20:40])["input_ids"] == ref(texts[:20], texts[20:40])["input_ids"]
+    for attr in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id",
+                 "model_max_length", "padding_side", "truncation_side"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    custom = tmp_path / "custom"
+    shutil.copytree(minilm_path, custom)
+    cfg = json.loads((custom / "tokenizer_config.json").read_text())
+    (custom / "tokenizer_config.json").write_text(json.dumps({**cfg, "auto_map": {"x": "y"}}))
+    assert named_class(str(custom)) is None
+    (custom / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "NoSuchTok"}))
+    assert named_class(str(custom)) is None
+    (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (custom / "tokenizer.json").unlink()
+    assert named_class(str(custom)) is None

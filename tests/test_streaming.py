@@ -125,6 +125,20 @@ def test_source_fingerprint_is_the_in_memory_hash(dtype, tmp_path):
             fam.params_from_hf(src, config)), family
 
 
+def test_read_rows_equals_row_slices(tmp_path):
+    """``read_rows`` (one open file for all rows) == one ``read`` slice per row, any order,
+    repeats included; a row out of range is refused."""
+    fam, config = CASES["llama"]
+    config, src = _save(fam, config, str(tmp_path))
+    for name in src.names():
+        shape, _ = src.info(name)
+        rows = np.array([shape[0] - 1, 0, shape[0] // 2, 0])
+        want = np.stack([src.read(name, slice(int(r), int(r) + 1))[0] for r in rows])
+        np.testing.assert_array_equal(src.read_rows(name, rows), want)
+    with pytest.raises(IndexError):
+        src.read_rows(name, [shape[0]])
+
+
 def test_stray_tensor_refused_before_loading(tmp_path):
     fam, config = CASES["llama"]
     config, src = _save(fam, config, str(tmp_path))

@@ -116,6 +116,10 @@ class TensorSource:
     def read(self, name: str, rows: Optional[slice] = None) -> np.ndarray:
         raise NotImplementedError
 
+    def read_rows(self, name: str, rows: Sequence[int]) -> np.ndarray:
+        """Rows ``rows`` (indices along the leading axis) of a tensor, ``[len(rows), ...]``."""
+        return np.stack([self.read(name, slice(int(r), int(r) + 1))[0] for r in rows])
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
@@ -213,15 +217,33 @@ class SafetensorsFolder(TensorSource):
         hi = max(hi, lo)
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         buf = bytearray((hi - lo) * row)
-        view, pos = memoryview(buf), 0
         with open(path, "rb", buffering=0) as f:
-            while pos < len(buf):
-                n = os.preadv(f.fileno(), [view[pos:]], offset + lo * row + pos)
-                if n <= 0:
-                    raise CheckpointError(f"{path}: tensor {name!r} is cut short; is the file "
-                                          "truncated or corrupted?")
-                pos += n
+            self._pread(f, name, memoryview(buf), offset + lo * row)
         return np.frombuffer(buf, dtype).reshape((hi - lo,) + tuple(shape[1:]) if shape else ())
+
+    def read_rows(self, name, rows):
+        """As :meth:`TensorSource.read_rows`, the file opened once for all rows."""
+        path, dtype, shape, offset = self._entries[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        buf = bytearray(len(rows) * row)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            for i, r in enumerate(rows):
+                if not 0 <= int(r) < shape[0]:
+                    raise IndexError(f"{name}: row {r} of {shape[0]}")
+                self._pread(f, name, view[i * row:(i + 1) * row], offset + int(r) * row)
+        return np.frombuffer(buf, dtype).reshape((len(rows),) + tuple(shape[1:]))
+
+    @staticmethod
+    def _pread(f: Any, name: str, view: memoryview, at: int) -> None:
+        """Fill ``view`` from byte ``at`` of the open file ``f``."""
+        pos = 0
+        while pos < len(view):
+            n = os.preadv(f.fileno(), [view[pos:]], at + pos)
+            if n <= 0:
+                raise CheckpointError(f"{f.name}: tensor {name!r} is cut short; is the file "
+                                      "truncated or corrupted?")
+            pos += n
 
 
 def load_safetensors(folder: str) -> dict[str, np.ndarray]:

@@ -147,8 +147,9 @@ def source_fingerprint(family: Family, config: Any, source: TensorSource,
         ours = np.unravel_index(sample_index(int(np.prod(shape)), samples), shape)
         hf_at = ours[::-1] if kind == "linear" else ours
         if source.cheap_rows:
-            rows = {r: source.read(name, slice(r, r + 1))[0] for r in np.unique(hf_at[0])}
-            values = [rows[r][tuple(c[j] for c in hf_at[1:])] for j, r in enumerate(hf_at[0])]
+            uniq, inv = np.unique(hf_at[0], return_inverse=True)
+            rows = source.read_rows(name, uniq)
+            values = rows[(inv.reshape(-1),) + tuple(hf_at[1:])]
         else:
             values = source.read(name)[hf_at]
         items.append(("/".join(path), np.float32, tuple(shape), np.asarray(values, np.float32)))

@@ -4,7 +4,11 @@ T5 checkpoints (v1.0, v1.1, LM-adapted) ship their Unigram vocabulary as ``spiec
 often without a ``tokenizer.json``. transformers converts such a file only when the
 ``sentencepiece`` package is installed; :func:`load_tokenizer` reads the file's protobuf
 itself (with the schema bundled in transformers) and builds the same tokenizer, so these
-folders load without it. Everything else goes to ``AutoTokenizer.from_pretrained``.
+folders load without it. A folder with ``tokenizer.json`` whose ``tokenizer_config.json``
+names a tokenizer class of transformers loads with that class directly (what
+``AutoTokenizer`` picks for it: same tokens, same special ids), which skips AutoTokenizer's
+model-config lookup (for Llama folders it imports torch: 2-3 s of a run's start).
+Everything else goes to ``AutoTokenizer.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,32 @@ def sentencepiece_only(folder: str) -> str | None:
     return os.path.join(folder, models[0]) if models else None
 
 
+def named_class(folder: str) -> Any:
+    """The transformers tokenizer class the folder's ``tokenizer_config.json`` names, where
+    the folder has a ``tokenizer.json`` and no custom code (``auto_map``); else None."""
+    import transformers
+
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+        return None
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None   # AutoTokenizer reports it
+    name = cfg.get("tokenizer_class") if isinstance(cfg, dict) and "auto_map" not in cfg else None
+    try:
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    except Exception:   # a class whose backend is missing: AutoTokenizer reports it
+        return None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
+
+
 def load_tokenizer(folder: str) -> Any:
     """The tokenizer of a model folder (see the module docstring)."""
+    cls = named_class(folder)
+    if cls is not None:
+        return cls.from_pretrained(folder)
     from transformers import AutoTokenizer
 
     spm = sentencepiece_only(folder)
