@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2")
 MODELS = ("minilm", "smollm2")
-METHODS = ("full", "lora", "prompt", "prefix", "adapter")
+METHODS = ("full", "lora", "prompt", "prefix", "adapter", "ia3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,15 @@ class MethodHParams:
     def lora_targets(self, kind: str) -> tuple[str, ...]:
         """Query and value projections (our names / HF names)."""
         return ("q_proj", "v_proj") if kind == "decoder" else ("query", "value")
+
+    def ia3_targets(self, kind: str):
+        """HF module names IA3 scales: keys, values, the FFN down projection."""
+        return (["k_proj", "v_proj", "down_proj"] if kind == "decoder" else
+                r".*layer\.\d+\.(attention\.self\.(key|value)|output\.dense)")
+
+    def ia3_feedforward(self, kind: str):
+        """The FFN modules among them (scaled at their input)."""
+        return ["down_proj"] if kind == "decoder" else r".*layer\.\d+\.output\.dense"
 
 
 # ----------------------------------------------------------------------------- processes

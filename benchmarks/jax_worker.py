@@ -38,6 +38,7 @@ def build_methods(method: str, kind: str, hp: common.MethodHParams) -> tuple:
         "prompt": lambda: pj.PromptTuning(length=hp.num_virtual_tokens),
         "prefix": lambda: pj.PrefixTuning(length=hp.num_virtual_tokens),
         "adapter": lambda: pj.Adapter(placement="houlsby", bottleneck=hp.adapter_dim),
+        "ia3": lambda: pj.IA3(),   # keys, values, FFN down projection (scaled at its input)
     }
     if method not in make:
         raise ValueError(f"unknown method {method!r}; known: {list(common.METHODS)}")

@@ -32,7 +32,7 @@ STORAGES = {
 }
 
 
-def run_cell(workdir: str, storage: str, seed: int) -> dict:
+def run_cell(workdir: str, storage: str, seed: int, overrides: tuple = ()) -> dict:
     """The finished result row of one (storage, seed) cell, training it when needed."""
     cell = os.path.join(workdir, f"{storage}_s{seed}")
     path = os.path.join(cell, "result.json")
@@ -43,7 +43,8 @@ def run_cell(workdir: str, storage: str, seed: int) -> dict:
             return row
     cmd = [sys.executable, "-m", "peft_jax.cli", "train", "--config",
            os.path.join(ROOT, "configs", "main_sst2.py"), f"--config.seed={seed}",
-           f"--config.task.train_split=train-{seed}", *STORAGES[storage], "--workdir", cell]
+           f"--config.task.train_split=train-{seed}", *STORAGES[storage],
+           *[f"--config.{o}" for o in overrides], "--workdir", cell]
     print("+", " ".join(cmd), flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f"{storage}_s{seed}.log"), "w") as log:
@@ -60,13 +61,16 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="13,21,42")
     p.add_argument("--storages", default="fp32,bf16,int8")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "main_job_storage"))
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every cell, e.g. model.scan_layers=False "
+                        "(repeatable)")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     storages = a.storages.split(",")
     unknown = [s for s in storages if s not in STORAGES]
     if unknown:
         raise SystemExit(f"error: --storages: unknown {unknown}; choose from {list(STORAGES)}")
-    acc = {(st, s): 100 * run_cell(a.workdir, st, s)["metrics"]["accuracy"]
+    acc = {(st, s): 100 * run_cell(a.workdir, st, s, tuple(a.override))["metrics"]["accuracy"]
            for st in storages for s in seeds}
     head = ["storage"] + [f"seed {s}" for s in seeds] + ["mean (std)", "vs fp32 (mean of per-seed diffs)"]
     print(" | ".join(head))

@@ -70,8 +70,8 @@ def build(folder: str, spec: dict, method: str, hp: common.MethodHParams):
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
-    if method in ("lora", "prompt", "prefix"):
-        from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
+    if method in ("lora", "prompt", "prefix", "ia3"):
+        from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
                           get_peft_model)
         task = TaskType.SEQ_CLS if kind == "encoder" else TaskType.CAUSAL_LM
         if method == "lora":
@@ -79,6 +79,9 @@ def build(folder: str, spec: dict, method: str, hp: common.MethodHParams):
                              lora_dropout=0.0, target_modules=list(hp.lora_targets(kind)))
         elif method == "prompt":
             cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens)
+        elif method == "ia3":   # the modules peft_jax's IA3() scales (tests/test_peft_parity.py)
+            cfg = IA3Config(task_type=task, target_modules=hp.ia3_targets(kind),
+                            feedforward_modules=hp.ia3_feedforward(kind))
         else:
             cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens)
         model = get_peft_model(model, cfg)
