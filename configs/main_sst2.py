@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.seed = 42
     c.model.name = "smollm2"
     # one layer traced and compiled, a loop over the 30 (same model, stacked weights): a
-    # second launch starts training in ~8 s instead of ~17 s, and steps are no slower
+    # second launch ends its first step ~9 s after launch instead of ~18 s unrolled
     # (benchmarks/first_step.py); --config.model.scan_layers=False unrolls the layers
     c.model.scan_layers = True
     c.task.name = "lmbff/sst2"

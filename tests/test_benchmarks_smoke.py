@@ -37,13 +37,13 @@ def test_step_bench_quick_prints_table(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices are not needed here
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--quick",
-           "--models", "minilm", "--methods", "full,lora", "--cache-dir", str(tmp_path)]
+           "--models", "minilm", "--methods", "full,lora,ia3", "--cache-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "matmul peak" in proc.stdout and "FLOPs/step" in proc.stdout
     rows = _table(proc.stdout)
     got = {(r["method"], r["framework"]) for r in rows}
-    assert got == {(m, f) for m in ("full", "lora") for f in ("peft_jax", "torch+hf_peft")}
+    assert got == {(m, f) for m in ("full", "lora", "ia3") for f in ("peft_jax", "torch+hf_peft")}
     for r in rows:
         assert r["note"] == "-", f"row failed: {r}"
         assert float(r["step s"]) > 0 and float(r["ex/s"]) > 0
@@ -54,7 +54,7 @@ def test_step_bench_quick_prints_table(tmp_path):
     assert float(jax_rows["lora"]["opt MB"]) < float(jax_rows["full"]["opt MB"])
     # same method -> same optimizer state in both frameworks (same trainable parameters)
     torch_rows = {r["method"]: r for r in rows if r["framework"] == "torch+hf_peft"}
-    for m in ("full", "lora"):
+    for m in ("full", "lora", "ia3"):
         assert jax_rows[m]["opt MB"] == torch_rows[m]["opt MB"], (jax_rows[m], torch_rows[m])
 
 
