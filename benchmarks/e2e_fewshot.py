@@ -273,22 +273,17 @@ def main(argv=None) -> int:
         name = TORCH if len(threads) == 1 else f"{TORCH} ({got} thread{'s' * (got != 1)})"
         results[name] = res
     jax_args = ["--task", a.task, "--model", a.model, "--seeds", ",".join(map(str, seeds)),
-                "--budget", json.dumps(dataclasses.asdict(budget)),
-                "--compile-cache", os.path.join(workdir, "xla_cache")]
-    if "jax" in stacks:
-        results[JAX] = run_worker("e2e_jax.py", jax_args + ["--workdir", os.path.join(workdir, "jax")],
-                                  a.timeout)
-        if a.warm:
-            results[JAX_WARM] = run_worker("e2e_jax.py", jax_args + [
-                "--workdir", os.path.join(workdir, "jax_warm")], a.timeout)
-    if "jax_vectorized" in stacks:
-        vec_args = [x if x != os.path.join(workdir, "xla_cache") else os.path.join(workdir, "xla_cache_vec")
-                    for x in jax_args] + ["--vectorize"]
-        results[JAX_VEC] = run_worker("e2e_jax.py", vec_args + ["--workdir", os.path.join(workdir, "jax_vec")],
+                "--budget", json.dumps(dataclasses.asdict(budget))]
+    # stack -> (row name, warm row name, folder prefix, extra flags); each its own compile cache
+    variants = {"jax": (JAX, JAX_WARM, "jax", []),
+                "jax_vectorized": (JAX_VEC, JAX_VEC_WARM, "jax_vec", ["--vectorize"])}
+    for stack, (name, warm_name, prefix, flags) in variants.items():
+        if stack not in stacks:
+            continue
+        args = jax_args + flags + ["--compile-cache", os.path.join(workdir, f"xla_cache_{prefix}")]
+        for row, run in ((name, prefix), (warm_name, f"{prefix}_warm"))[:2 if a.warm else 1]:
+            results[row] = run_worker("e2e_jax.py", args + ["--workdir", os.path.join(workdir, run)],
                                       a.timeout)
-        if a.warm:
-            results[JAX_VEC_WARM] = run_worker("e2e_jax.py", vec_args + [
-                "--workdir", os.path.join(workdir, "jax_vec_warm")], a.timeout)
     load_after = uptime()
 
     rows = [summarize(name, res, expected) for name, res in results.items()]

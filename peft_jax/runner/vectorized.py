@@ -368,7 +368,9 @@ def _run_vectorized(cfgs: Sequence[Any], pretrained: Any, clock: PhaseClock) -> 
     selected = stack([b.trainable if b.step is not None else run_slice(state.trainable, k)
                       for k, b in enumerate(best)])
     tests = ([({}, None)] * n if not cfgs[0].task.test_split else
-             evaluate_scored(selected, [encoded_test_split(cfg, s) for cfg, s in zip(cfgs, sessions)]))
+             # one encoding: runs share task.test_split and max_test_examples (check_runs),
+             # and the subset does not depend on the seed
+             evaluate_scored(selected, [encoded_test_split(cfgs[0], s0)] * n))
     wall = time.perf_counter() - t_start
     results = []
     for k, (cfg, s) in enumerate(zip(cfgs, sessions)):
